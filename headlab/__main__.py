@@ -1,0 +1,3 @@
+from headlab.cli import app
+
+app()

@@ -1,0 +1,139 @@
+"""Interventions on heads, as context managers that act on both execution paths (`.hf` and `.bridge`).
+
+Each one rewrites the per-head attention output z [batch, pos, head, d_head] where it enters the
+output projection (W_O). Hooks are removed on exit, so the model is restored bit for bit.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator
+
+import torch
+from einops import rearrange, repeat
+from jaxtyping import Float
+
+from headlab.errors import InputError
+
+ABLATION_MODES = ("uniform", "zero", "mean")
+
+
+def attention_projections(model) -> list[list[tuple[torch.nn.Module, torch.nn.Module]]]:
+    """Per module tree (`.hf`, then `.bridge`), per layer: (value projection, output projection)."""
+    trees = []
+    hf_layers = []
+    for module in model.hf.modules():
+        if hasattr(module, "v_proj") and hasattr(module, "o_proj"):  # Llama, Gemma, Mistral, Qwen ...
+            hf_layers.append((module.v_proj, module.o_proj))
+        elif hasattr(module, "self") and hasattr(module, "output") and hasattr(module.self, "value"):  # BERT
+            hf_layers.append((module.self.value, module.output.dense))
+    if len(hf_layers) != model.n_layers:
+        raise InputError(f"found {len(hf_layers)} attention layers in {model.name}, expected {model.n_layers}; "
+                         "this architecture is not supported by headlab's interventions yet")
+    trees.append(hf_layers)
+    trees.append([(block.attn.v, block.attn.o) for block in model.bridge.blocks])
+    return trees
+
+
+def uniform_z(v: Float[torch.Tensor, "batch pos kv d"], n_heads: int, causal: bool, window: int | None
+              ) -> Float[torch.Tensor, "batch pos head d"]:
+    """Head output under uniform attention over the visible keys: the mean of their values."""
+    n = v.shape[1]
+    if not causal:
+        z = v.mean(dim=1, keepdim=True).expand_as(v)
+    else:
+        prefix = torch.nn.functional.pad(v.cumsum(dim=1), (0, 0, 0, 0, 1, 0))  # prefix[:, i] = sum of v[:, :i]
+        query = torch.arange(n, device=v.device)
+        first = (query - window + 1).clamp(min=0) if window else torch.zeros_like(query)
+        count = (query + 1 - first).to(v.dtype)
+        z = (prefix[:, query + 1] - prefix[:, first]) / count[None, :, None, None]
+    return repeat(z, "b n kv d -> b n (kv g) d", g=n_heads // v.shape[2])
+
+
+@contextmanager
+def _rewrite_z(model, rewrite: Callable[[int, torch.Tensor, dict], torch.Tensor], layers: set[int],
+               need_v: bool = False) -> Iterator[None]:
+    """Register hooks that replace z [batch, pos, head, d] of `layers` by rewrite(layer, z, state)."""
+    with ExitStack() as stack:
+        for tree in attention_projections(model):
+            for layer in sorted(layers):
+                v_proj, o_proj = tree[layer]
+                state: dict = {}
+                if need_v:
+                    def keep_v(module, args, output, state=state):
+                        state["v"] = rearrange(output, "b n (kv d) -> b n kv d", d=model.d_head)
+                    stack.callback(v_proj.register_forward_hook(keep_v).remove)
+
+                def replace_z(module, args, layer=layer, state=state):
+                    z = rearrange(args[0], "b n (h d) -> b n h d", d=model.d_head)
+                    z = rewrite(layer, z.clone(), state)
+                    return (rearrange(z, "b n h d -> b n (h d)"),) + tuple(args[1:])
+                stack.callback(o_proj.register_forward_pre_hook(replace_z).remove)
+        yield
+
+
+def _by_layer(heads) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+@torch.no_grad()
+def mean_z(model, tokens, layers) -> dict[int, Float[torch.Tensor, "head d"]]:
+    """Mean of each head's z over the batch and positions of `tokens`, for `layers`."""
+    sums: dict[int, torch.Tensor] = {}
+
+    def record(layer, z, state):
+        sums[layer] = z.mean(dim=(0, 1))
+        return z
+
+    with _rewrite_z(model, record, set(layers)):
+        model.hf(input_ids=model._as_tokens(tokens))
+    return sums
+
+
+@contextmanager
+def ablate_heads(model, heads, mode: str = "uniform", reference=None) -> Iterator[None]:
+    """Ablate heads inside the block.
+
+    mode: "uniform" — attention spread evenly over the keys the query can see (window included);
+          "zero" — z = 0; "mean" — z = its mean over `reference` tokens (default: over the batch and
+          positions of each input itself).
+    """
+    if mode not in ABLATION_MODES:
+        raise InputError(f"unknown ablation mode {mode!r}; use one of {', '.join(ABLATION_MODES)}")
+    by_layer = _by_layer(model.check_heads(heads))
+    means = mean_z(model, reference, by_layer) if (mode == "mean" and reference is not None) else None
+
+    def ablate(layer, z, state):
+        index = by_layer[layer]
+        if mode == "zero":
+            z[:, :, index] = 0
+        elif mode == "mean":
+            mean = means[layer] if means is not None else z.mean(dim=(0, 1))
+            z[:, :, index] = mean[index].to(z.dtype)
+        else:
+            uniform = uniform_z(state.pop("v"), model.n_heads, model.is_causal, model.sliding_window(layer))
+            z[:, :, index] = uniform[:, :, index].to(z.dtype)
+        return z
+
+    with _rewrite_z(model, ablate, set(by_layer), need_v=(mode == "uniform")):
+        yield
+
+
+@contextmanager
+def scale_heads(model, factors: dict) -> Iterator[None]:
+    """Multiply each listed head's output z by its factor inside the block: {(layer, head) | 'L3H1': factor}."""
+    if not isinstance(factors, dict):
+        raise InputError("scale_heads takes a dict {head: factor}, e.g. {'L3H1': 2.0}")
+    checked = dict(zip(model.check_heads(factors.keys()), map(float, factors.values())))
+    by_layer = _by_layer(checked)
+
+    def scale(layer, z, state):
+        for head in by_layer[layer]:
+            z[:, :, head] = z[:, :, head] * checked[(layer, head)]
+        return z
+
+    with _rewrite_z(model, scale, set(by_layer)):
+        yield

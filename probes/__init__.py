@@ -1,0 +1,1 @@
+"""headlab probes: one module per method, each with a `scan(model, ...) -> HeadScores`."""

@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from headlab.cli import app
+
+runner = CliRunner()
+
+
+def test_scan_writes_table_json_and_report(tmp_path):
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", "tiny-gemma3", "--quick", "--out", str(out), "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    heads = pd.read_csv(out / "heads.csv")
+    assert len(heads) == 3 * 4 and list(heads.columns[:4]) == ["layer", "head", "name", "detectors"]
+    assert heads.loc[5, "name"] == "L1H1"
+    summary = json.loads((out / "scan.json").read_text())
+    assert summary["seed"] == 2 and summary["geometry"]["n_heads"] == 4 and "detectors" in summary["seconds"]
+    html = (out / "report.html").read_text()
+    assert "Plotly.newPlot" in html and 'id="atlas"' in html
+    assert '<script src="http' not in html  # plotly.js is embedded: the report works offline
+    assert not list(tmp_path.glob(".*"))  # no staging or partial folders left
+
+
+def test_rerun_resumes_finished_probes_and_report_rerenders(tmp_path):
+    out = tmp_path / "scan"
+    assert runner.invoke(app, ["scan", "tiny-llama", "--quick", "--out", str(out)]).exit_code == 0
+    partial = tmp_path / ".scan.partial"  # as an interrupted run leaves it
+    partial.mkdir()
+    for suffix in (".csv", ".json"):
+        (partial / f"detectors{suffix}").write_bytes((out / "probes" / f"detectors{suffix}").read_bytes())
+    result = runner.invoke(app, ["scan", "tiny-llama", "--quick", "--out", str(out)])
+    assert result.exit_code == 0 and "resumed" in result.output
+    (out / "report.html").unlink()
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    assert (out / "report.html").exists()
+
+
+def test_bad_input_exits_nonzero_without_output(tmp_path):
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", "smolm2", "--out", str(out)])
+    assert result.exit_code == 1 and "unknown model" in result.output and not out.exists()
+    result = runner.invoke(app, ["scan", "tiny-llama", "--probes", "nope", "--out", str(out)])
+    assert result.exit_code == 1 and "unknown probe" in result.output and not out.exists()
+    result = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "no finished scan" in result.output
+
+
+def test_console_script_and_models_listing():
+    script = Path(sys.executable).parent / "headlab"
+    done = subprocess.run([str(script), "models"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "smollm2-135m" in done.stdout and "tiny-llama" in done.stdout
+    done = subprocess.run([str(script), "scan", "no-such-model"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "unknown model" in done.stderr and "Traceback" not in done.stderr
