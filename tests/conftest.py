@@ -4,7 +4,11 @@ from pathlib import Path
 
 import pytest
 
+import torch  # noqa: E402
+
 os.environ.setdefault("HEADLAB_PROGRESS", "0")
+if not torch.cuda.is_available():  # must be set before any Triton kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/planted.py
 
 import headlab  # noqa: E402

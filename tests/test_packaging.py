@@ -18,8 +18,9 @@ def test_probes_and_kernels_live_inside_headlab():
     import headlab.probes.detectors
 
     assert Path(headlab.probes.detectors.__file__).parent.name == "probes"
-    for name in ("probes", "kernels", "datasets"):
-        assert name not in sys.modules  # nothing of ours is a top-level package
+    assert "probes" not in sys.modules and "kernels" not in sys.modules  # nothing of ours is top-level
+    hf_datasets = sys.modules.get("datasets")  # Hugging Face datasets, imported by TransformerLens
+    assert hf_datasets is None or ROOT not in Path(hf_datasets.__file__).resolve().parents
 
 
 def test_transformer_lens_imports_from_the_repository_root():

@@ -1,0 +1,113 @@
+"""The long-context capture path: per-head attention statistics from one Hugging Face forward, no N x N tensor.
+
+A custom attention function, registered with transformers' AttentionInterface (and its mask function with
+AttentionMaskInterface, so sliding-window models get their own masks), computes each recorded layer with
+`headlab.kernels.attention_with_stats` and keeps the statistics; other layers run SDPA.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+
+from headlab.errors import InputError
+from headlab.kernels import DEFAULT_WANT, AttentionStats, attention_with_stats
+
+ATTENTION_NAME = "headlab_stats"
+_recorder: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("headlab_recorder", default=None)
+
+
+@dataclass
+class Recorder:
+    """What one capture asks for and what it collected, per layer."""
+
+    layers: set[int]
+    spans: dict | list | None
+    want: tuple[str, ...]
+    query_rows: object
+    backend: str
+    stats: dict[int, AttentionStats] = field(default_factory=dict)
+
+
+def _stats_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     softcap=None, **kwargs):
+    """transformers attention function: [b, h, n, d] q, [b, kv, n, d] k/v -> ([b, n, h, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder = _recorder.get()
+    layer = getattr(module, "layer_idx", None)
+    if recorder is None or layer not in recorder.layers:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      softcap=softcap, **kwargs)
+    out, stats = attention_with_stats(
+        query, key, value, causal=getattr(module, "is_causal", True), window=sliding_window, scale=scaling,
+        softcap=softcap, spans=recorder.spans, want=recorder.want, query_rows=recorder.query_rows,
+        backend=recorder.backend,
+    )
+    recorder.stats[layer] = stats
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Register headlab's attention function and its mask function with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _stats_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
+
+
+@contextmanager
+def _attention_implementation(hf, name: str):
+    previous = hf.config._attn_implementation
+    hf.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def attention_stats(
+    model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    *,
+    spans=None,
+    want=DEFAULT_WANT,
+    layers=None,
+    query_rows=None,
+    backend: str = "auto",
+) -> dict[int, AttentionStats]:
+    """Run `model.hf` once on unpadded `tokens` and return {layer: AttentionStats} for `layers` (default all).
+
+    The language-model head is skipped (no [pos, vocab] logits); every other layer runs torch SDPA.
+    """
+    tokens = model._as_tokens(tokens)
+    layers = set(range(model.n_layers)) if layers is None else {int(layer) for layer in layers}
+    bad = sorted(layer for layer in layers if not 0 <= layer < model.n_layers)
+    if bad:
+        raise InputError(f"layers {bad} are outside {model.name}, which has layers 0-{model.n_layers - 1}")
+    if tokens.shape[1] > model.n_ctx:
+        raise InputError(f"{tokens.shape[1]} tokens exceed {model.name}'s context of {model.n_ctx}")
+    recorder = Recorder(layers=layers, spans=spans, want=tuple([want] if isinstance(want, str) else want),
+                        query_rows=query_rows, backend=backend)
+    token = _recorder.set(recorder)
+    try:
+        with _attention_implementation(model.hf, register_attention()):
+            model.hf.base_model(input_ids=tokens, use_cache=False)
+    finally:
+        _recorder.reset(token)
+    return dict(sorted(recorder.stats.items()))
+
+
+def stack_stats(stats: dict[int, AttentionStats], name: str) -> torch.Tensor:
+    """One statistic of every captured layer stacked: [layers, ...]."""
+    values = [getattr(layer_stats, name) for layer_stats in stats.values()]
+    if any(value is None for value in values):
+        raise InputError(f"the statistic {name!r} was not captured; ask for it in `want`")
+    return torch.stack(values)

@@ -1,0 +1,107 @@
+"""The statistics attention_with_stats returns, and the argument checks both backends share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from jaxtyping import Float, Int
+
+from headlab.errors import InputError
+
+STATISTICS = ("lse", "top1", "span_mass", "entropy", "colsum")
+DEFAULT_WANT = ("lse", "top1", "span_mass")
+
+
+@dataclass
+class AttentionStats:
+    """Per-head attention statistics of one layer; fields not asked for are None.
+
+    Row statistics (top1, top1_prob, entropy) cover the queries in `query_rows`; the rest cover all queries.
+    """
+
+    lse: Float[torch.Tensor, "b h nq"] | None = None  # log-sum-exp of the (scaled, capped) scores
+    top1: Int[torch.Tensor, "b h r"] | None = None  # the key each query attends to most
+    top1_prob: Float[torch.Tensor, "b h r"] | None = None  # its attention weight
+    entropy: Float[torch.Tensor, "b h r"] | None = None  # of the attention row, in nats
+    span_mass: Float[torch.Tensor, "b h nq s"] | None = None  # attention on each named key span
+    colsum: Float[torch.Tensor, "b h nk"] | None = None  # attention each key receives, summed over queries
+    query_rows: Int[torch.Tensor, "r"] | None = None
+    span_names: list[str] = field(default_factory=list)
+
+    def to(self, device) -> "AttentionStats":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return AttentionStats(**moved)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Checked arguments of one attention_with_stats call."""
+
+    causal: bool
+    window: int | None
+    scale: float
+    softcap: float | None
+    spans: list[tuple[int, int]]
+    span_names: list[str]
+    want: frozenset[str]
+    query_rows: torch.Tensor  # [r] indices into the nq queries
+    all_rows: bool  # query_rows covers every query in order
+
+    @property
+    def row_stats(self) -> bool:
+        return bool({"top1", "entropy"} & self.want)
+
+
+def check_problem(q, k, v, *, causal, window, scale, softcap, spans, want, query_rows) -> Problem:
+    """Validate shapes, dtypes, devices, spans and options; one InputError sentence per fault."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise InputError(f"{name} must be a 4-d tensor [batch, heads, n, d], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InputError(f"{name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, h, n_q, d = q.shape
+    if k.shape != v.shape[:3] + (d,) or k.shape[0] != b or v.shape[:3] != k.shape[:3]:
+        raise InputError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [batch, kv_heads, n, d] "
+                         f"matching q {tuple(q.shape)}")
+    kv, n_k = k.shape[1], k.shape[2]
+    if h % kv:
+        raise InputError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
+    if n_q > n_k or n_q == 0:
+        raise InputError(f"there are {n_q} queries and {n_k} keys; queries are the last 1..{n_k} positions")
+    if window is not None and (not causal or window < 1):
+        raise InputError(f"a sliding window ({window}) needs causal attention and a size of at least 1")
+    if softcap is not None and softcap <= 0:
+        raise InputError(f"softcap must be positive, got {softcap}")
+    want = frozenset(DEFAULT_WANT if want is None else ([want] if isinstance(want, str) else want))
+    unknown = want - set(STATISTICS)
+    if unknown:
+        raise InputError(f"unknown statistics {sorted(unknown)}; choose from {', '.join(STATISTICS)}")
+    names, ranges = [], []
+    items = spans.items() if isinstance(spans, dict) else enumerate(spans or [])
+    for name, span in items:
+        start, end = (int(x) for x in span)
+        if not 0 <= start < end <= n_k:
+            raise InputError(f"span {name!r} = [{start}, {end}) is outside the keys [0, {n_k}) or empty")
+        names.append(str(name))
+        ranges.append((start, end))
+    if "span_mass" in want and not ranges:
+        want = want - {"span_mass"}
+    if query_rows is None:
+        rows = torch.arange(n_q)
+    else:
+        rows = torch.as_tensor(list(query_rows) if isinstance(query_rows, range) else query_rows, dtype=torch.long)
+        rows = torch.where(rows < 0, rows + n_q, rows).flatten()
+        if rows.numel() == 0 or rows.min() < 0 or rows.max() >= n_q:
+            raise InputError(f"query_rows must index the {n_q} queries (negative counts from the end)")
+    all_rows = rows.numel() == n_q and bool((rows == torch.arange(n_q)).all())
+    return Problem(causal=causal, window=window, scale=d ** -0.5 if scale is None else float(scale),
+                   softcap=softcap, spans=ranges, span_names=names, want=want, query_rows=rows, all_rows=all_rows)
