@@ -31,7 +31,7 @@ test: install
 	$(VENV)/bin/pytest
 
 bench: install
-	$(VENV)/bin/pytest tests/bench -s
+	$(PY) tests/bench/bench_attention_stats.py --out bench_attention_stats.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
