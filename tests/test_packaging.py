@@ -20,7 +20,7 @@ def test_probes_and_kernels_live_inside_headlab():
     assert Path(headlab.probes.detectors.__file__).parent.name == "probes"
     assert "probes" not in sys.modules and "kernels" not in sys.modules  # nothing of ours is top-level
     hf_datasets = sys.modules.get("datasets")  # Hugging Face datasets, imported by TransformerLens
-    assert hf_datasets is None or ROOT not in Path(hf_datasets.__file__).resolve().parents
+    assert hf_datasets is None or Path(hf_datasets.__file__).resolve().parent != ROOT / "datasets"
 
 
 def test_transformer_lens_imports_from_the_repository_root():
