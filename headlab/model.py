@@ -184,12 +184,13 @@ class HeadModel:
         with torch.no_grad():
             return self.bridge.run_with_cache(self._as_tokens(tokens), names_filter=names_filter)
 
-    def attention_stats(self, tokens, *, spans=None, want=("lse", "top1", "span_mass"), layers=None,
-                        query_rows=None, backend: str = "auto"):
-        """{layer: AttentionStats} from one `.hf` forward without any N x N tensor (see headlab.capture)."""
+    def attention_stats(self, tokens, *, spans=None, want=None, layers=None, query_rows=None, backend: str = "auto"):
+        """{layer: AttentionStats} from one `.hf` forward without any N x N tensor (see headlab.capture);
+        want=None asks for the kernel's default statistics (lse, top1, span_mass)."""
         from headlab.capture import attention_stats
+        from headlab.kernels import DEFAULT_WANT
 
-        return attention_stats(self, tokens, spans=spans, want=want, layers=layers, query_rows=query_rows,
+        return attention_stats(self, tokens, spans=spans, want=DEFAULT_WANT if want is None else want, layers=layers, query_rows=query_rows,
                                backend=backend)
 
     # ---- interventions (see headlab.interventions) ------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
@@ -29,13 +29,6 @@ class AttentionStats:
     query_rows: Int[torch.Tensor, "r"] | None = None
     span_names: list[str] = field(default_factory=list)
 
-    def to(self, device) -> "AttentionStats":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
-        return AttentionStats(**moved)
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -49,7 +42,6 @@ class Problem:
     span_names: list[str]
     want: frozenset[str]
     query_rows: torch.Tensor  # [r] indices into the nq queries
-    all_rows: bool  # query_rows covers every query in order
 
     @property
     def row_stats(self) -> bool:
@@ -102,6 +94,5 @@ def check_problem(q, k, v, *, causal, window, scale, softcap, spans, want, query
         rows = torch.where(rows < 0, rows + n_q, rows).flatten()
         if rows.numel() == 0 or rows.min() < 0 or rows.max() >= n_q:
             raise InputError(f"query_rows must index the {n_q} queries (negative counts from the end)")
-    all_rows = rows.numel() == n_q and bool((rows == torch.arange(n_q)).all())
     return Problem(causal=causal, window=window, scale=d ** -0.5 if scale is None else float(scale),
-                   softcap=softcap, spans=ranges, span_names=names, want=want, query_rows=rows, all_rows=all_rows)
+                   softcap=softcap, spans=ranges, span_names=names, want=want, query_rows=rows)
