@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Int
@@ -19,11 +20,29 @@ from headlab.kernels import DEFAULT_WANT, AttentionStats, attention_with_stats
 
 ATTENTION_NAME = "headlab_stats"
 _recorder: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("headlab_recorder", default=None)
+_edits: contextvars.ContextVar[dict] = contextvars.ContextVar("headlab_edits", default={})
+
+
+@dataclass(frozen=True)
+class AttentionEdit:
+    """Rewrites one layer's attention output from its inputs and the kernel's statistics (e.g. ACT calibration).
+
+    apply(q [b,h,nq,d], k [b,kv,nk,d], v [b,kv,nk,d], out [b,h,nq,d], stats, geometry) -> out, where geometry
+    holds causal, window, scale and softcap; `want` names the statistics apply needs.
+    """
+
+    apply: Callable
+    want: tuple[str, ...] = ()
 
 
 @dataclass
 class Recorder:
-    """What one capture asks for and what it collected, per layer."""
+    """What a capture asks for and what the last forward collected, per layer.
+
+    `want`, `spans` and `query_rows` may be changed between forwards (e.g. nothing during a prefill, `top1`
+    during decoding); `n_keys[layer]` is the number of keys the layer saw in the last forward (with a KV cache
+    the queries are the last positions of those keys).
+    """
 
     layers: set[int]
     spans: dict | list | None
@@ -31,6 +50,7 @@ class Recorder:
     query_rows: object
     backend: str
     stats: dict[int, AttentionStats] = field(default_factory=dict)
+    n_keys: dict[int, int] = field(default_factory=dict)
 
 
 def _stats_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -40,15 +60,23 @@ def _stats_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     recorder = _recorder.get()
     layer = getattr(module, "layer_idx", None)
-    if recorder is None or layer not in recorder.layers:
+    record = recorder is not None and layer in recorder.layers
+    edit = _edits.get().get(layer)
+    if not record and edit is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       softcap=softcap, **kwargs)
+    geometry = {"causal": getattr(module, "is_causal", True), "window": sliding_window, "scale": scaling,
+                "softcap": softcap}
+    want = set(recorder.want if record else ()) | set(edit.want if edit else ())
     out, stats = attention_with_stats(
-        query, key, value, causal=getattr(module, "is_causal", True), window=sliding_window, scale=scaling,
-        softcap=softcap, spans=recorder.spans, want=recorder.want, query_rows=recorder.query_rows,
-        backend=recorder.backend,
+        query, key, value, **geometry, spans=recorder.spans if record else None, want=tuple(want),
+        query_rows=recorder.query_rows if record else None, backend=recorder.backend if record else "auto",
     )
-    recorder.stats[layer] = stats
+    if edit is not None:
+        out = edit.apply(query, key, value, out, stats, geometry)
+    if record:
+        recorder.stats[layer] = stats
+        recorder.n_keys[layer] = key.shape[2]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -72,6 +100,39 @@ def _attention_implementation(hf, name: str):
         hf.set_attn_implementation(previous)
 
 
+@contextmanager
+def recording(model, *, layers=None, spans=None, want=DEFAULT_WANT, query_rows=None, backend: str = "auto"
+              ) -> Iterator[Recorder]:
+    """Inside the block every `model.hf` forward computes `layers` (default all) with the kernel and leaves
+    their statistics in the yielded Recorder; works with a KV cache (decoding: queries are the last keys)."""
+    layers = set(range(model.n_layers)) if layers is None else {int(layer) for layer in layers}
+    bad = sorted(layer for layer in layers if not 0 <= layer < model.n_layers)
+    if bad:
+        raise InputError(f"layers {bad} are outside {model.name}, which has layers 0-{model.n_layers - 1}")
+    recorder = Recorder(layers=layers, spans=spans, want=tuple([want] if isinstance(want, str) else want),
+                        query_rows=query_rows, backend=backend)
+    token = _recorder.set(recorder)
+    try:
+        with _attention_implementation(model.hf, register_attention()):
+            yield recorder
+    finally:
+        _recorder.reset(token)
+
+
+@contextmanager
+def editing(model, edits: dict[int, AttentionEdit]) -> Iterator[None]:
+    """Inside the block, `model.hf` computes the layers in `edits` with the kernel and rewrites their output."""
+    bad = sorted(layer for layer in edits if not 0 <= layer < model.n_layers)
+    if bad:
+        raise InputError(f"layers {bad} are outside {model.name}, which has layers 0-{model.n_layers - 1}")
+    token = _edits.set({**_edits.get(), **edits})
+    try:
+        with _attention_implementation(model.hf, register_attention()):
+            yield
+    finally:
+        _edits.reset(token)
+
+
 @torch.no_grad()
 def attention_stats(
     model,
@@ -88,20 +149,10 @@ def attention_stats(
     The language-model head is skipped (no [pos, vocab] logits); every other layer runs torch SDPA.
     """
     tokens = model._as_tokens(tokens)
-    layers = set(range(model.n_layers)) if layers is None else {int(layer) for layer in layers}
-    bad = sorted(layer for layer in layers if not 0 <= layer < model.n_layers)
-    if bad:
-        raise InputError(f"layers {bad} are outside {model.name}, which has layers 0-{model.n_layers - 1}")
     if tokens.shape[1] > model.n_ctx:
         raise InputError(f"{tokens.shape[1]} tokens exceed {model.name}'s context of {model.n_ctx}")
-    recorder = Recorder(layers=layers, spans=spans, want=tuple([want] if isinstance(want, str) else want),
-                        query_rows=query_rows, backend=backend)
-    token = _recorder.set(recorder)
-    try:
-        with _attention_implementation(model.hf, register_attention()):
-            model.hf.base_model(input_ids=tokens, use_cache=False)
-    finally:
-        _recorder.reset(token)
+    with recording(model, layers=layers, spans=spans, want=want, query_rows=query_rows, backend=backend) as recorder:
+        model.hf.base_model(input_ids=tokens, use_cache=False)
     return dict(sorted(recorder.stats.items()))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -20,14 +21,34 @@ console = Console()
 errors = Console(stderr=True)
 
 
-def _detectors(model, quick: bool, seed: int, max_context: int) -> HeadScores:
+def _detectors(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
     from headlab.probes import detectors
 
     seq_len = min(25 if quick else 100, max(2, (max_context - 1) // 2))
     return detectors.scan(model, seq_len=seq_len, n_prompts=8 if quick else 32, seed=seed)
 
 
-PROBES: dict[str, Callable[..., HeadScores]] = {"detectors": _detectors}
+def _retrieval(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
+    from headlab.probes import retrieval
+
+    limit = min(max_context, model.n_ctx)
+    lengths = [n for n in ((1024,) if quick else (1024, 2048, 4096)) if n <= limit] or [limit]
+    task = retrieval.niah_task(needles=2 if quick else 4, lengths=lengths,
+                               depths=(0.25, 0.75) if quick else (0.1, 0.5, 0.9), seed=seed)
+    return retrieval.scan(model, task, results=workdir.with_suffix(".tests.jsonl"))
+
+
+def _sinks(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
+    from headlab.probes import sinks
+
+    n_tokens = min(256 if quick else 512, max_context, model.n_ctx)
+    return sinks.scan(model, n_texts=4 if quick else 8, n_tokens=n_tokens, seed=seed,
+                      min_queries=max(1, min(sinks.MIN_QUERIES, n_tokens // 4)))
+
+
+# name -> fn(model, quick, seed, max_context, workdir): workdir is a path stem in the resumable staging folder
+PROBES: dict[str, Callable[..., HeadScores]] = {"detectors": _detectors, "retrieval": _retrieval,
+                                                  "sinks": _sinks}
 
 
 def _fail(message: str) -> None:
@@ -56,11 +77,12 @@ def scan(
         if not names or unknown:
             raise InputError(f"unknown probe(s) {unknown or probes!r}; choose from {', '.join(PROBES)}")
         out = out or Path(f"scan-{Path(model).name}")
+        _check_writable(out)
         partial = out.with_name(f".{out.name}.partial")  # finished probes of an interrupted run
         start = time.perf_counter()
         loaded = load_model(model, device=device)
         console.print(f"{loaded}  (loaded in {loaded.load_info.seconds:.1f} s)")
-        results, seconds = {}, {}
+        results, seconds, failed = {}, {}, {}
         for name in names:
             saved = partial / name
             if saved.with_suffix(".csv").exists():
@@ -69,12 +91,21 @@ def scan(
                 console.print(f"{name}: resumed from {saved.with_suffix('.csv')}")
                 continue
             t = time.perf_counter()
-            results[name] = PROBES[name](loaded, quick, seed, max_context)
+            partial.mkdir(parents=True, exist_ok=True)
+            try:
+                results[name] = PROBES[name](loaded, quick, seed, max_context, saved)
+            except HeadlabError as error:  # the other probes still run; the report names the failure
+                failed[name] = f"{type(error).__name__}: {error}"
+                errors.print(f"[red]{name} failed:[/red] {error}")
+                continue
             seconds[name] = time.perf_counter() - t
+            results[name].meta["seconds"] = seconds[name]
             results[name].save(saved)
+        if not results:
+            raise InputError("every probe failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         summary = {
-            "model": model, "geometry": loaded.geometry, "load": vars(loaded.load_info), "probes": names,
-            "params": {"quick": quick, "max_context": max_context, "device": device}, "seed": seed,
+            "model": model, "geometry": loaded.geometry, "load": vars(loaded.load_info), "probes": list(results),
+            "failed": failed, "params": {"quick": quick, "max_context": max_context, "device": device}, "seed": seed,
             "seconds": seconds, "total_seconds": time.perf_counter() - start, "versions": versions(),
         }
         write_report(out, summary, results)
@@ -84,6 +115,17 @@ def scan(
     for name, result in results.items():
         _print_top(result, name, top)
     console.print(f"report: {(out / 'report.html').resolve()}")
+    if failed:
+        _fail(f"{len(failed)} probe(s) failed ({', '.join(failed)}); the report marks them")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any compute when the output folder cannot be written."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InputError(f"cannot write the output folder {out}: {parent} is not a writable folder")
 
 
 def _print_top(result: HeadScores, title: str, k: int) -> None:

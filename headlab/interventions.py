@@ -50,18 +50,31 @@ def uniform_z(v: Float[torch.Tensor, "batch pos kv d"], n_heads: int, causal: bo
     return repeat(z, "b n kv d -> b n (kv g) d", g=n_heads // v.shape[2])
 
 
+def _continues_cache(kwargs: dict) -> bool:
+    """Whether a forward extends a KV cache (decoding): its layers then see only the new positions."""
+    cache = kwargs.get("past_key_values")
+    return cache is not None and cache.get_seq_length() > 0
+
+
 @contextmanager
 def _rewrite_z(model, rewrite: Callable[[int, torch.Tensor, dict], torch.Tensor], layers: set[int],
                need_v: bool = False) -> Iterator[None]:
-    """Register hooks that replace z [batch, pos, head, d] of `layers` by rewrite(layer, z, state)."""
+    """Register hooks that replace z [batch, pos, head, d] of `layers` by rewrite(layer, z, state).
+
+    state["v"] holds the values of every position of the sequence so far [batch, pos, kv, d] (need_v), also
+    when `.hf` decodes with a KV cache; state["continued"] says whether this forward extends a cache.
+    """
     with ExitStack() as stack:
-        for tree in attention_projections(model):
+        for tree_index, tree in enumerate(attention_projections(model)):
+            states = []
             for layer in sorted(layers):
                 v_proj, o_proj = tree[layer]
-                state: dict = {}
+                state: dict = {"continued": False}
+                states.append(state)
                 if need_v:
                     def keep_v(module, args, output, state=state):
-                        state["v"] = rearrange(output, "b n (kv d) -> b n kv d", d=model.d_head)
+                        v = rearrange(output, "b n (kv d) -> b n kv d", d=model.d_head)
+                        state["v"] = torch.cat([state["v"], v], dim=1) if state["continued"] else v
                     stack.callback(v_proj.register_forward_hook(keep_v).remove)
 
                 def replace_z(module, args, layer=layer, state=state):
@@ -69,6 +82,11 @@ def _rewrite_z(model, rewrite: Callable[[int, torch.Tensor, dict], torch.Tensor]
                     z = rewrite(layer, z.clone(), state)
                     return (rearrange(z, "b n h d -> b n (h d)"),) + tuple(args[1:])
                 stack.callback(o_proj.register_forward_pre_hook(replace_z).remove)
+            if tree_index == 0:  # only `.hf` decodes with a cache
+                def mark(module, args, kwargs, states=states):
+                    for state in states:
+                        state["continued"] = _continues_cache(kwargs)
+                stack.callback(model.hf.base_model.register_forward_pre_hook(mark, with_kwargs=True).remove)
         yield
 
 
@@ -99,7 +117,8 @@ def ablate_heads(model, heads, mode: str = "uniform", reference=None) -> Iterato
 
     mode: "uniform" — attention spread evenly over the keys the query can see (window included);
           "zero" — z = 0; "mean" — z = its mean over `reference` tokens (default: over the batch and
-          positions of each input itself).
+          positions of each input itself; when `.hf` decodes with a KV cache, over the uncached prompt).
+    Works while `.hf` decodes with a KV cache: "uniform" then averages the values of every visible position.
     """
     if mode not in ABLATION_MODES:
         raise InputError(f"unknown ablation mode {mode!r}; use one of {', '.join(ABLATION_MODES)}")
@@ -111,11 +130,13 @@ def ablate_heads(model, heads, mode: str = "uniform", reference=None) -> Iterato
         if mode == "zero":
             z[:, :, index] = 0
         elif mode == "mean":
-            mean = means[layer] if means is not None else z.mean(dim=(0, 1))
+            if not state["continued"]:
+                state["z_mean"] = z.mean(dim=(0, 1))
+            mean = means[layer] if means is not None else state["z_mean"]
             z[:, :, index] = mean[index].to(z.dtype)
         else:
-            uniform = uniform_z(state.pop("v"), model.n_heads, model.is_causal, model.sliding_window(layer))
-            z[:, :, index] = uniform[:, :, index].to(z.dtype)
+            uniform = uniform_z(state["v"], model.n_heads, model.is_causal, model.sliding_window(layer))
+            z[:, :, index] = uniform[:, -z.shape[1]:, index].to(z.dtype)
         return z
 
     with _rewrite_z(model, ablate, set(by_layer), need_v=(mode == "uniform")):

@@ -20,6 +20,11 @@ MEANINGS = {
     "detectors": "induction score: attention from the second copy of a token to the token after its first copy",
     "detectors_previous_token": "attention on the previous position",
     "detectors_duplicate_token": "attention on earlier copies of the same token",
+    "retrieval": "retrieval score (Wu et al.): how often the head's top-1 key is the needle token being copied "
+                 "while the model answers a needle-in-a-haystack question",
+    "sinks": "attention on non-initial sinks (Yu et al.): mean attention per query on keys, other than the first, "
+             "that receive more than alpha on average",
+    "sinks_first_mass": "mean attention per query on the first token",
 }
 
 
@@ -43,7 +48,8 @@ def heads_table(results: dict[str, HeadScores]) -> pd.DataFrame:
 def render_html(summary: dict, results: dict[str, HeadScores], top_k: int = 10) -> str:
     """A self-contained HTML report: model card, a heatmap per score, the sortable head atlas, top heads."""
     table = heads_table(results)
-    score_columns = [c for c in table.columns if c not in ("layer", "head", "name")]
+    score_columns = [c for c in table.columns
+                     if c not in ("layer", "head", "name") and table[c].nunique(dropna=True) > 1]
     figures = []
     for i, column in enumerate(score_columns):
         view = HeadScores(table[["layer", "head", column]].rename(columns={column: "score"}))
@@ -61,6 +67,9 @@ def render_html(summary: dict, results: dict[str, HeadScores], top_k: int = 10) 
                    for k, v in summary.get("geometry", {}).items())
     timings = "".join(f"<tr><th>{html.escape(p)}</th><td>{t:.1f} s</td></tr>"
                       for p, t in summary.get("seconds", {}).items())
+    failures = "".join(f"<li><b>{html.escape(p)}</b> failed: {html.escape(e)}</li>"
+                       for p, e in summary.get("failed", {}).items())
+    failures = f'<h2>Failed probes</h2><ul class="failed">{failures}</ul>' if failures else ""
     atlas = table.to_html(index=False, float_format="{:.4f}".format, table_id="atlas", classes="atlas")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>headlab report — {html.escape(summary['model'])}</title>
@@ -74,6 +83,7 @@ table.atlas th {{ cursor: pointer; background: #f4f4f4; position: sticky; top: 0
 <h2>Model</h2><table>{card}</table>
 <h2>Probes</h2><table>{timings}</table>
 <p>headlab {html.escape(summary.get('versions', {}).get('headlab', ''))}, seed {summary.get('seed')}</p>
+{failures}
 <h2>Top heads</h2><div class="tops">{''.join(tops)}</div>
 <h2>Heatmaps</h2>{''.join(figures)}
 <h2>Head atlas</h2><p>Click a column header to sort.</p>{atlas}

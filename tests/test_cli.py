@@ -56,3 +56,20 @@ def test_console_script_and_models_listing():
     assert done.returncode == 0 and "smollm2-135m" in done.stdout and "tiny-llama" in done.stdout
     done = subprocess.run([str(script), "scan", "no-such-model"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "unknown model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_failing_probe_is_marked_and_the_others_finish(tmp_path):
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors,retrieval", "--quick", "--out", str(out)])
+    assert result.exit_code == 1 and "retrieval failed" in result.output
+    assert "detectors" in pd.read_csv(out / "heads.csv").columns
+    summary = json.loads((out / "scan.json").read_text())
+    assert summary["probes"] == ["detectors"] and "retrieval" in summary["failed"]
+    assert "Failed probes" in (out / "report.html").read_text()
+
+
+def test_unwritable_output_fails_before_any_compute(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["scan", "no-such-model", "--out", str(blocker / "scan")])
+    assert result.exit_code == 1 and "cannot write the output folder" in result.output  # before the model lookup

@@ -1,0 +1,282 @@
+"""Attention sinks at every position and ACT calibration (Yu et al. 2024, "Unveiling and Harnessing Hidden
+Attention Sinks").
+
+Sink rule (the reference's): in a head, key j is a sink when the attention it receives, summed over the queries that
+can see it and divided by their number, exceeds alpha (0.1). The last keys of a causal sequence are seen by few
+queries, so one query's attention can make them "sinks": keys seen by fewer than `min_queries` queries are never
+sinks (default 32; documented artefact, not a finding). The first token (position 0) is reported apart.
+
+ACT: in chosen heads every detected sink except the initial token keeps beta (0.4) of its attention; the removed
+mass goes to the query's other keys in proportion to their weights, so each row still sums to 1.
+
+    table = scan(model)                                  # HeadScores: non-initial sink mass per head
+    with calibrate(model, ["L3H1", "L5H0"]):             # both execution paths
+        model.logits(tokens)
+    search = search_heads(model, task)                   # the paper's head search on a calibration split
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+
+from headlab.capture import AttentionEdit, attention_stats, editing, stack_stats
+from headlab.data import haystack_text
+from headlab.errors import InputError
+from headlab.kernels import queries_seeing
+from headlab.progress import progress_bar
+from headlab.scores import HeadScores, head_name, versions
+from headlab.tasks import ClassificationTask, accuracy
+
+ALPHA, BETA, MIN_QUERIES = 0.1, 0.4, 32
+STABLE = 1e-6  # rows with less non-sink mass than this are left as they are (nothing to hand the mass to)
+
+
+def _check(alpha: float, beta: float, min_queries: int) -> None:
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not 0 < value <= 1:
+            raise InputError(f"{name} must lie in (0, 1], got {value}")
+    if min_queries < 1:
+        raise InputError(f"min_queries must be at least 1, got {min_queries}")
+
+
+# ---- detection ----------------------------------------------------------------------------------------------
+
+def mean_received(
+    colsum: Float[torch.Tensor, "... nk"], n_q: int, causal: bool, window: int | None
+) -> tuple[Float[torch.Tensor, "... nk"], torch.Tensor]:
+    """(attention each key receives per query that sees it, number of such queries [nk])."""
+    seeing = queries_seeing(n_q, colsum.shape[-1], causal, window).to(colsum.device)
+    return colsum / seeing.clamp(min=1), seeing
+
+
+def sink_mask(
+    mean: Float[torch.Tensor, "... nk"], seeing: torch.Tensor, alpha: float = ALPHA, min_queries: int = MIN_QUERIES,
+    initial: bool = False,
+) -> Bool[torch.Tensor, "... nk"]:
+    """Keys that are sinks: mean received attention > alpha, seen by >= min_queries queries; position 0 only if
+    `initial`."""
+    sinks = (mean > alpha) & (seeing >= min_queries)
+    if not initial:
+        sinks[..., 0] = False
+    return sinks
+
+
+def default_texts(model, n_texts: int = 8, n_tokens: int = 512, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded windows of the pydoc haystack, each [1, n_tokens] with the model's BOS first."""
+    text = haystack_text()
+    ids = model.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    if n_tokens > len(ids):
+        raise InputError(f"the haystack has {len(ids)} tokens; asked for windows of {n_tokens}")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - n_tokens, size=n_texts)
+    bos = [model.bos_token_id] if model.bos_token_id is not None and model.is_causal else []
+    return [torch.tensor([bos + ids[s:s + n_tokens - len(bos)]]) for s in starts]
+
+
+@torch.no_grad()
+def sink_stats(model, tokens, *, alpha: float = ALPHA, min_queries: int = MIN_QUERIES, backend: str = "auto") -> dict:
+    """Sinks of every head on one sequence, from the kernel's column sums (no N x N tensor).
+
+    Returns mean [L, H, n] (received attention per seeing query), sinks [L, H, n] (non-initial sinks),
+    first_mass [L, H] (mean attention on position 0 over all queries), other_mass [L, H] (mean attention on the
+    non-initial sinks over all queries) and tokens (the sequence's str tokens).
+    """
+    _check(alpha, beta=BETA, min_queries=min_queries)
+    tokens = model._as_tokens(tokens)
+    if tokens.shape[0] != 1:
+        raise InputError("sink_stats takes one sequence at a time ([1, pos])")
+    n = tokens.shape[1]
+    stats = attention_stats(model, tokens, want=("colsum",), backend=backend)
+    colsum = stack_stats(stats, "colsum")[:, 0]  # [L, H, n]
+    means, sinks = [], []
+    for layer in range(model.n_layers):
+        mean, seeing = mean_received(colsum[layer], n, model.is_causal, model.sliding_window(layer))
+        means.append(mean)
+        sinks.append(sink_mask(mean, seeing, alpha, min_queries))
+    sinks = torch.stack(sinks)
+    return {"mean": torch.stack(means), "sinks": sinks, "first_mass": colsum[..., 0] / n,
+            "other_mass": (colsum * sinks).sum(-1) / n, "tokens": model.to_str_tokens(tokens[0])}
+
+
+def scan(model, texts=None, *, alpha: float = ALPHA, min_queries: int = MIN_QUERIES, n_texts: int = 8,
+         n_tokens: int = 512, seed: int = 0, backend: str = "auto", progress: bool = True) -> HeadScores:
+    """Sinks of every head over `texts` (default: n_texts seeded n_tokens-long windows of the pydoc haystack).
+
+    score = mean attention on non-initial sinks; columns first_mass, n_sinks (non-initial sinks per text) and
+    sink_rate (fraction of texts with at least one). meta: sink positions and tokens per head, the tokens that are
+    most often sinks.
+    """
+    _check(alpha, BETA, min_queries)
+    sequences = default_texts(model, n_texts, n_tokens, seed) if texts is None else [
+        model.to_tokens(t) if isinstance(t, str) else model._as_tokens(t) for t in texts]
+    if not sequences:
+        raise InputError("sinks.scan got no texts")
+    first, other, count, present = 0, 0, 0, 0
+    sink_tokens: Counter = Counter()
+    positions: dict[str, list] = {}
+    for index, tokens in enumerate(progress_bar(sequences, "sinks", disable=not progress)):
+        found = sink_stats(model, tokens, alpha=alpha, min_queries=min_queries, backend=backend)
+        first = first + found["first_mass"]
+        other = other + found["other_mass"]
+        per_head = found["sinks"].sum(-1)
+        count = count + per_head
+        present = present + (per_head > 0)
+        for layer, head, position in found["sinks"].nonzero().tolist():
+            token = found["tokens"][position]
+            sink_tokens[token] += 1
+            positions.setdefault(head_name(layer, head), []).append([index, position, token])
+    n = len(sequences)
+    meta = {
+        "probe": "sinks", "model": model.name, "method": "Yu et al. 2024, sink rule (mean received attention > alpha)",
+        "alpha": alpha, "min_queries": min_queries, "n_texts": n, "lengths": [int(t.shape[1]) for t in sequences],
+        "seed": seed, "sink_tokens": sink_tokens.most_common(20), "sink_positions": positions,
+        "heads_with_sinks": int(((count / n) > 0).sum()), "versions": versions(),
+    }
+    return HeadScores.from_matrix(other / n, meta, first_mass=first / n, n_sinks=count / n, sink_rate=present / n)
+
+
+# ---- ACT calibration ----------------------------------------------------------------------------------------
+
+def calibrate_pattern(
+    pattern: Float[torch.Tensor, "b h nq nk"], *, alpha: float = ALPHA, beta: float = BETA,
+    min_queries: int = MIN_QUERIES, causal: bool = True, window: int | None = None,
+    heads: list[int] | None = None,
+) -> Float[torch.Tensor, "b h nq nk"]:
+    """ACT on full attention patterns (the hook path and the reference): in `heads` (default all), every
+    non-initial sink keeps beta of its attention; the rest of the row is scaled to give the mass back."""
+    _check(alpha, beta, min_queries)
+    mean, seeing = mean_received(pattern.sum(-2), pattern.shape[-2], causal, window)
+    sinks = sink_mask(mean, seeing, alpha, min_queries)
+    if heads is not None:
+        chosen = torch.zeros(pattern.shape[1], dtype=torch.bool, device=pattern.device)
+        chosen[heads] = True
+        sinks &= chosen[None, :, None]
+    sinks = sinks[:, :, None, :]  # [b, h, 1, nk]
+    on_sinks = (pattern * sinks).sum(-1, keepdim=True)
+    rest = 1 - on_sinks
+    scale = torch.where(rest > STABLE, (rest + (1 - beta) * on_sinks) / rest.clamp(min=STABLE), 1.0)
+    keep = torch.where(rest > STABLE, beta, 1.0)
+    return torch.where(sinks, pattern * keep, pattern * scale)
+
+
+def _calibrated_output(heads: list[int], alpha: float, beta: float, min_queries: int):
+    """ACT on the fast path: z' = c z + (beta - c) sum_{j in sinks} p_j v_j with c = (1 - beta S) / (1 - S),
+    S the row's mass on the sinks; p_j recomputed for the sink keys only from the saved LSE (O(n x sinks))."""
+
+    def apply(q, k, v, out, stats, geometry):
+        b, h, n_q, d = q.shape
+        kv, n_k = k.shape[1], k.shape[2]
+        mean, seeing = mean_received(stats.colsum, n_q, geometry["causal"], geometry["window"])
+        sinks = sink_mask(mean, seeing, alpha, min_queries)  # [b, h, nk]
+        chosen = torch.zeros(h, dtype=torch.bool, device=q.device)
+        chosen[heads] = True
+        sinks &= chosen[None, :, None]
+        keys = sinks.any(dim=(0, 1)).nonzero().flatten()
+        if len(keys) == 0:
+            return out
+        group = h // kv
+        k_s = k[:, :, keys].repeat_interleave(group, dim=1).float()
+        v_s = v[:, :, keys].repeat_interleave(group, dim=1).float()
+        scale = geometry["scale"] if geometry["scale"] is not None else d ** -0.5
+        scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k_s) * scale
+        if geometry["softcap"] is not None:
+            scores = torch.tanh(scores / geometry["softcap"]) * geometry["softcap"]
+        q_pos = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+        visible = torch.ones(n_q, len(keys), dtype=torch.bool, device=q.device)
+        if geometry["causal"]:
+            visible &= keys[None, :] <= q_pos
+        if geometry["window"] is not None:
+            visible &= q_pos - keys[None, :] < geometry["window"]
+        p = torch.exp(scores - stats.lse[..., None]) * (visible & sinks[:, :, None, keys])
+        on_sinks = p.sum(-1, keepdim=True)
+        rest = 1 - on_sinks
+        c = torch.where(rest > STABLE, (rest + (1 - beta) * on_sinks) / rest.clamp(min=STABLE), 1.0)
+        keep = torch.where(rest > STABLE, beta, 1.0)
+        calibrated = c * out.float() + (keep - c) * (p @ v_s)
+        return calibrated.to(out.dtype)
+
+    return apply
+
+
+@contextmanager
+def calibrate(model, heads, alpha: float = ALPHA, beta: float = BETA, min_queries: int = MIN_QUERIES
+              ) -> Iterator[None]:
+    """ACT inside the block, on both execution paths: `.hf` (the kernel computes the listed layers and the
+    output is corrected from column sums and LSE, no N x N) and `.bridge` (hook_pattern is rewritten)."""
+    _check(alpha, beta, min_queries)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in model.check_heads(heads):
+        by_layer.setdefault(layer, []).append(head)
+    edits = {layer: AttentionEdit(_calibrated_output(hs, alpha, beta, min_queries), want=("lse", "colsum"))
+             for layer, hs in by_layer.items()}
+    with ExitStack() as stack:
+        stack.enter_context(editing(model, edits))
+        if model.is_causal:  # TransformerLens' BERT bridge ignores hook_pattern edits: encoders use `.hf` only
+            for layer, layer_heads in by_layer.items():
+                def rewrite(pattern, hook, layer=layer, layer_heads=layer_heads):
+                    return calibrate_pattern(pattern, alpha=alpha, beta=beta, min_queries=min_queries, causal=True,
+                                             window=model.sliding_window(layer), heads=layer_heads)
+                hook_point = model.bridge.blocks[layer].attn.hook_pattern
+                handle = hook_point.add_hook(rewrite)
+                stack.callback(hook_point.fwd_hooks.remove, handle)
+                stack.callback(handle.hook.remove)
+        yield
+
+
+# ---- head search (the paper's procedure, greedy) ------------------------------------------------------------
+
+def search_heads(model, task: ClassificationTask, *, candidates: int = 24, max_heads: int = 8,
+                 calibration_fraction: float = 0.5, seeds=(0, 1, 2), alpha: float = ALPHA, beta: float = BETA,
+                 min_queries: int | None = None, progress: bool = True) -> dict:
+    """Choose ACT heads on a calibration split, evaluate them on the held-out split, for several seeds.
+
+    Candidates: the heads with the most non-initial sink mass on the task's own prompts. Each is scored alone on the
+    calibration split; heads are then added greedily in that order while calibration accuracy improves.
+    min_queries defaults to a quarter of the shortest prompt (task prompts are short).
+    """
+    prompts = [model.to_tokens(example.prompt) for example in task.examples]
+    shortest = min(p.shape[1] for p in prompts)
+    min_queries = min_queries or max(2, shortest // 4)
+    sink_mass = scan(model, prompts[:16], alpha=alpha, min_queries=min_queries, progress=False).matrix()
+    order = np.argsort(-sink_mass.ravel(), kind="stable")[:candidates]
+    pool = [(int(i) // model.n_heads, int(i) % model.n_heads) for i in order if sink_mass.ravel()[i] > 0]
+    runs = []
+    for seed in seeds:
+        calibration, held_out = task.split(calibration_fraction, seed)
+        base_cal = accuracy(model, calibration)
+        gains = []
+        for head in progress_bar(pool, f"ACT search, seed {seed}", disable=not progress):
+            with calibrate(model, [head], alpha, beta, min_queries):
+                gains.append(accuracy(model, calibration) - base_cal)
+        chosen, best = [], base_cal
+        for gain, head in sorted(zip(gains, pool), key=lambda x: -x[0]):
+            if gain <= 0 or len(chosen) >= max_heads:
+                break
+            with calibrate(model, chosen + [head], alpha, beta, min_queries):
+                trial = accuracy(model, calibration)
+            if trial > best:
+                chosen, best = chosen + [head], trial
+        before = accuracy(model, held_out)
+        if chosen:
+            with calibrate(model, chosen, alpha, beta, min_queries):
+                after = accuracy(model, held_out)
+        else:
+            after = before
+        runs.append({"seed": seed, "heads": [head_name(*h) for h in chosen], "calibration_before": base_cal,
+                     "calibration_after": best, "held_out_before": before, "held_out_after": after,
+                     "change": after - before})
+    changes = [r["change"] for r in runs]
+    return {"task": task.name, "alpha": alpha, "beta": beta, "min_queries": min_queries,
+            "candidates": [head_name(*h) for h in pool], "runs": runs,
+            "mean_change": float(np.mean(changes)), "std_change": float(np.std(changes))}
+
+
+def runs_frame(result: dict) -> pd.DataFrame:
+    """search_heads' runs as a table."""
+    return pd.DataFrame(result["runs"])

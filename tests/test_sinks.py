@@ -1,0 +1,172 @@
+"""Sinks and ACT: the reference redistribution, kernel column sums vs full patterns, both paths, bad input."""
+
+import json
+
+import pytest
+import torch
+
+import headlab
+from headlab.probes import sinks
+from headlab.tasks import accuracy, load_task, word_task
+
+
+def reference_act(pattern, alpha, beta, min_queries, causal=True, window=None):
+    """ACT written out query by query from the paper's description."""
+    b, h, n_q, n_k = pattern.shape
+    out = pattern.clone().double()
+    for bi in range(b):
+        for hi in range(h):
+            seen = []
+            for j in range(n_k):
+                queries = [i for i in range(n_q) if (not causal or j <= i) and (window is None or i - j < window)]
+                mean = sum(float(pattern[bi, hi, i, j]) for i in queries) / max(1, len(queries))
+                if j > 0 and mean > alpha and len(queries) >= min_queries:
+                    seen.append(j)
+            for i in range(n_q):
+                row = pattern[bi, hi, i].double()
+                on_sinks = float(row[seen].sum()) if seen else 0.0
+                if 1 - on_sinks <= sinks.STABLE:
+                    continue
+                for j in range(n_k):
+                    if j in seen:
+                        out[bi, hi, i, j] = beta * row[j]
+                    else:
+                        out[bi, hi, i, j] = row[j] * (1 + (1 - beta) * on_sinks / (1 - on_sinks))
+    return out, seen
+
+
+def random_pattern(b, h, n, causal=True, window=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, h, n, n, generator=generator, dtype=torch.float64) * 2
+    scores[..., 0] += 3  # an initial sink
+    scores[..., n // 3] += 4  # and a hidden one
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    hidden = torch.zeros(n, n, dtype=torch.bool)
+    if causal:
+        hidden |= j > i
+    if window is not None:
+        hidden |= i - j >= window
+    return scores.masked_fill(hidden, float("-inf")).softmax(-1)
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 7), (False, None)])
+def test_calibration_equals_the_reference_redistribution(causal, window):
+    pattern = random_pattern(2, 3, 20, causal, window)
+    alpha, beta, min_queries = 0.1, 0.4, 3
+    calibrated = sinks.calibrate_pattern(pattern, alpha=alpha, beta=beta, min_queries=min_queries, causal=causal,
+                                         window=window)
+    expected, _ = reference_act(pattern, alpha, beta, min_queries, causal, window)
+    assert (calibrated - expected).abs().max() < 1e-6
+    assert torch.allclose(calibrated.sum(-1), torch.ones(2, 3, 20, dtype=torch.float64), atol=1e-12)
+    mean, seeing = sinks.mean_received(pattern.sum(-2), 20, causal, window)
+    mask = sinks.sink_mask(mean, seeing, alpha, min_queries)
+    assert mask[..., 20 // 3].all() and not mask[..., 0].any()  # the planted sink is found, the first is not touched
+    column = calibrated.transpose(-1, -2)[mask]
+    assert torch.allclose(column, beta * pattern.transpose(-1, -2)[mask])
+    assert (calibrated[..., 0] >= pattern[..., 0] - 1e-15).all()  # the initial token only gains
+
+
+def test_few_query_keys_are_not_sinks():
+    pattern = torch.zeros(1, 1, 10, 10, dtype=torch.float64)
+    pattern[..., torch.arange(10), torch.arange(10)] = 0.5
+    pattern[..., :, 0] += 0.5
+    pattern[0, 0, 0, 0] = 1.0
+    mean, seeing = sinks.mean_received(pattern.sum(-2), 10, True, None)
+    assert mean[0, 0, 9] == 0.5  # the last key, seen by one query, looks like a sink
+    assert not sinks.sink_mask(mean, seeing, 0.1, min_queries=2)[0, 0, 9]
+    assert sinks.sink_mask(mean, seeing, 0.1, min_queries=1)[0, 0, 9]
+
+
+def _pattern_sinks(model, tokens, alpha, min_queries):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    out = []
+    for layer in range(model.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
+        mean, seeing = sinks.mean_received(pattern.sum(-2), tokens.shape[1], True, model.sliding_window(layer))
+        out.append((mean, sinks.sink_mask(mean, seeing, alpha, min_queries)))
+    return torch.stack([m for m, _ in out]), torch.stack([s for _, s in out])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_column_sums_find_the_sinks_full_patterns_find(name):
+    model = headlab.load_model(name)
+    tokens = torch.randint(4, 200, (1, 48), generator=torch.Generator().manual_seed(0))
+    found = sinks.sink_stats(model, tokens, alpha=0.05, min_queries=4)
+    mean, mask = _pattern_sinks(model, tokens, 0.05, 4)
+    assert (found["mean"] - mean).abs().max() < 1e-5
+    assert torch.equal(found["sinks"], mask) and mask.any()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_calibrate_gives_one_answer_on_both_paths_and_restores(name):
+    model = headlab.load_model(name)
+    tokens = torch.randint(4, 200, (2, 40), generator=torch.Generator().manual_seed(3))
+    before = model.logits(tokens)
+    with sinks.calibrate(model, ["L0H0", "L1H1", "L1H3"], alpha=0.05, beta=0.4, min_queries=4):
+        fast = model.logits(tokens)
+        hooked = model.bridge(tokens)
+    assert (fast - hooked).abs().max() < 1e-4
+    assert (fast - before).abs().max() > 1e-2  # the calibration did something
+    assert torch.equal(model.logits(tokens), before)
+    assert not any(point.fwd_hooks for block in model.bridge.blocks for point in [block.attn.hook_pattern])
+
+
+@pytest.mark.real
+def test_smollm2_sinks_from_column_sums_match_patterns_and_calibration_paths_agree(smollm2):
+    tokens = sinks.default_texts(smollm2, n_texts=1, n_tokens=256, seed=3)[0]
+    found = sinks.sink_stats(smollm2, tokens)
+    mean, mask = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES)
+    assert (found["mean"] - mean).abs().max() < 1e-4
+    clear = ((mean - sinks.ALPHA).abs() > 1e-3)  # away from the threshold the sink sets agree exactly
+    assert torch.equal(found["sinks"][clear], mask[clear])
+    assert found["sinks"].any()  # SmolLM2 has non-initial sinks
+    heads = ["L4H4", "L5H5", "L7H1"]
+    with sinks.calibrate(smollm2, heads):
+        fast = smollm2.logits(tokens)
+        hooked = smollm2.bridge(tokens)
+    assert (fast - hooked).abs().max() < 1e-3
+    assert (fast - smollm2.logits(tokens)).abs().max() > 1e-3
+
+
+@pytest.mark.real
+def test_head_search_reports_consistent_accuracies(smollm2):
+    task = word_task("sentiment", n=12, shots=2, seed=0)
+    result = sinks.search_heads(smollm2, task, candidates=3, seeds=(0,), progress=False)
+    run = result["runs"][0]
+    assert set(run["heads"]) <= set(result["candidates"])
+    _, held_out = task.split(0.5, 0)
+    assert run["held_out_before"] == accuracy(smollm2, held_out)
+    if run["heads"]:
+        with sinks.calibrate(smollm2, run["heads"], min_queries=result["min_queries"]):
+            assert run["held_out_after"] == accuracy(smollm2, held_out)
+
+
+def test_bad_input(tiny_llama, tmp_path):
+    pattern = random_pattern(1, 1, 8)
+    for kwargs in ({"alpha": 0.0}, {"alpha": 1.5}, {"beta": 0.0}, {"beta": 2.0}):
+        with pytest.raises(headlab.InputError, match="alpha|beta"):
+            sinks.calibrate_pattern(pattern, **kwargs)
+    with pytest.raises(headlab.HeadIndexError, match="L9H0"):
+        with sinks.calibrate(tiny_llama, ["L9H0"]):
+            pass
+    bad = tmp_path / "task.jsonl"
+    bad.write_text(json.dumps({"question": "q?", "choices": ["a", "b"]}) + "\n")
+    with pytest.raises(headlab.InputError, match="lacks the field.*answer"):
+        load_task(bad)
+    bad.write_text(json.dumps({"text": "good"}) + "\n")
+    with pytest.raises(headlab.InputError, match="'label'"):
+        load_task(bad)
+
+
+def test_user_task_files(tmp_path):
+    sst = tmp_path / "sst.jsonl"
+    sst.write_text("".join(json.dumps({"sentence": s, "label": y}) + "\n" for s, y in
+                           [("great film", 1), ("dull film", 0), ("lovely", 1), ("awful", 0)]))
+    task = load_task(sst, label_names=["negative", "positive"], shots=2, seed=0)
+    assert [e.answer for e in task.examples] == [1, 0, 1, 0]
+    assert task.examples[0].options == (" negative", " positive")
+    assert task.examples[0].prompt.endswith("Text: great film\nLabel:") and task.examples[0].prompt.count("Text:") == 3
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "B"}) + "\n")
+    example = load_task(mmlu).examples[0]
+    assert example.answer == 1 and example.prompt == "Question: 2+2?\nA. 3\nB. 4\nAnswer:"
