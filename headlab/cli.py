@@ -46,9 +46,15 @@ def _sinks(model, quick: bool, seed: int, max_context: int, workdir: Path) -> He
                       min_queries=max(1, min(sinks.MIN_QUERIES, n_tokens // 4)))
 
 
+def _flow(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
+    from headlab.probes import flow
+
+    return flow.scan(model, n_texts=8 if quick else 32, seed=seed)
+
+
 # name -> fn(model, quick, seed, max_context, workdir): workdir is a path stem in the resumable staging folder
 PROBES: dict[str, Callable[..., HeadScores]] = {"detectors": _detectors, "retrieval": _retrieval,
-                                                  "sinks": _sinks}
+                                                  "sinks": _sinks, "flow": _flow}
 
 
 def _fail(message: str) -> None:
@@ -59,7 +65,7 @@ def _fail(message: str) -> None:
 @app.command()
 def scan(
     model: str = typer.Argument(..., help="registry name (see `headlab models`), local Hugging Face folder or hub id"),
-    probes: str = typer.Option("detectors", help=f"comma-separated probes: {', '.join(PROBES)}"),
+    probes: str = typer.Option(",".join(PROBES), help=f"comma-separated probes: {', '.join(PROBES)}"),
     out: Optional[Path] = typer.Option(None, help="output folder (default scan-<model>)"),
     max_context: int = typer.Option(4096, help="longest prompt any probe may build, in tokens"),
     seed: int = typer.Option(0, help="seed for every random choice"),

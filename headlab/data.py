@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -54,3 +55,17 @@ def haystack_text(path: str | Path | None = None) -> str:
     if not text.strip():
         raise InputError(f"the haystack {'file ' + str(path) if path else 'text'} is empty")
     return text
+
+
+def haystack_sentences(count: int, seed: int = 0, min_chars: int = 40, max_chars: int = 200) -> list[str]:
+    """`count` seeded prose sentences of the default haystack (no code lines, no line breaks)."""
+    text = haystack_text()
+    candidates = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
+                  if min_chars <= len(s.strip()) <= max_chars and "\n" not in s.strip()
+                  and not s.strip().startswith(("*", ">>>", "|"))]
+    if count > len(candidates):
+        raise InputError(f"the haystack has {len(candidates)} such sentences; asked for {count}")
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(candidates))[:count]
+    return [candidates[i] for i in order]

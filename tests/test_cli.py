@@ -13,13 +13,16 @@ runner = CliRunner()
 
 def test_scan_writes_table_json_and_report(tmp_path):
     out = tmp_path / "scan"
-    result = runner.invoke(app, ["scan", "tiny-gemma3", "--quick", "--out", str(out), "--seed", "2"])
+    result = runner.invoke(app, ["scan", "tiny-gemma3", "--probes", "detectors,sinks,flow", "--quick", "--out",
+                                 str(out), "--seed", "2"])
     assert result.exit_code == 0, result.output
     heads = pd.read_csv(out / "heads.csv")
     assert len(heads) == 3 * 4 and list(heads.columns[:4]) == ["layer", "head", "name", "detectors"]
+    assert {"sinks", "sinks_first_mass", "flow"} <= set(heads.columns)
     assert heads.loc[5, "name"] == "L1H1"
     summary = json.loads((out / "scan.json").read_text())
-    assert summary["seed"] == 2 and summary["geometry"]["n_heads"] == 4 and "detectors" in summary["seconds"]
+    assert summary["seed"] == 2 and summary["geometry"]["n_heads"] == 4 and set(summary["seconds"]) == {
+        "detectors", "sinks", "flow"}
     html = (out / "report.html").read_text()
     assert "Plotly.newPlot" in html and 'id="atlas"' in html
     assert '<script src="http' not in html  # plotly.js is embedded: the report works offline
@@ -28,12 +31,12 @@ def test_scan_writes_table_json_and_report(tmp_path):
 
 def test_rerun_resumes_finished_probes_and_report_rerenders(tmp_path):
     out = tmp_path / "scan"
-    assert runner.invoke(app, ["scan", "tiny-llama", "--quick", "--out", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors", "--quick", "--out", str(out)]).exit_code == 0
     partial = tmp_path / ".scan.partial"  # as an interrupted run leaves it
     partial.mkdir()
     for suffix in (".csv", ".json"):
         (partial / f"detectors{suffix}").write_bytes((out / "probes" / f"detectors{suffix}").read_bytes())
-    result = runner.invoke(app, ["scan", "tiny-llama", "--quick", "--out", str(out)])
+    result = runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors", "--quick", "--out", str(out)])
     assert result.exit_code == 0 and "resumed" in result.output
     (out / "report.html").unlink()
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
