@@ -52,9 +52,17 @@ def _flow(model, quick: bool, seed: int, max_context: int, workdir: Path) -> Hea
     return flow.scan(model, n_texts=8 if quick else 32, seed=seed)
 
 
+def _qk(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
+    from headlab.probes import qk_score
+    from headlab.tasks import load_mcqa
+
+    items = load_mcqa("mcqa_stated.jsonl")
+    return qk_score.scan(model, items[:40] if quick else items, seed=seed, permutations=not quick)
+
+
 # name -> fn(model, quick, seed, max_context, workdir): workdir is a path stem in the resumable staging folder
 PROBES: dict[str, Callable[..., HeadScores]] = {"detectors": _detectors, "retrieval": _retrieval,
-                                                  "sinks": _sinks, "flow": _flow}
+                                                  "sinks": _sinks, "qk": _qk, "flow": _flow}
 
 
 def _fail(message: str) -> None:

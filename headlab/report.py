@@ -25,6 +25,8 @@ MEANINGS = {
     "sinks": "attention on non-initial sinks (Yu et al.): mean attention per query on keys, other than the first, "
              "that receive more than alpha on average",
     "sinks_first_mass": "mean attention per query on the first token",
+    "qk": "QK-score accuracy (Tulchinskii et al.): how often the head's query-key product from the last token picks "
+          "the right option's line end in multiple-choice questions (validation split)",
     "flow": "agreement (Pearson) of the head's attention from the last position with the attention flow "
             "(Abnar & Zuidema) of the whole model",
 }

@@ -132,20 +132,42 @@ def load_task(path: str | Path, *, label_names: list[str] | None = None, shots: 
     return ClassificationTask(Path(path).stem, examples)
 
 
-def _mcqa_example(path, number: int, record: dict) -> Example:
-    missing = [key for key in ("question", "choices", "answer") if key not in record]
+@dataclass(frozen=True)
+class MCQAItem:
+    """A multiple-choice item: the question, its options, the index of the right one."""
+
+    question: str
+    options: tuple[str, ...]
+    answer: int
+
+
+def load_mcqa(path: str | Path) -> list[MCQAItem]:
+    """MCQA items from JSONL records {"question", "options" (or MMLU's "choices"), "answer" (index or letter)}."""
+    path = dataset_path(path) if isinstance(path, str) and "/" not in path and not Path(path).exists() else path
+    return [mcqa_item(record, f"{path}:{number}") for number, record in enumerate(read_jsonl(path), 1)]
+
+
+def mcqa_item(record: dict, where: str = "item") -> MCQAItem:
+    """One checked MCQAItem; errors name `where` (file:line)."""
+    options = record.get("options", record.get("choices"))
+    missing = [key for key, value in (("question", record.get("question")), ("options", options),
+                                      ("answer", record.get("answer"))) if value is None]
     if missing:
-        raise InputError(f"{path}:{number} lacks the field(s) {', '.join(missing)}")
-    choices = record["choices"]
-    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
-        raise InputError(f"{path}:{number}: 'choices' must be a list of 2 to {len(LETTERS)} options")
+        raise InputError(f"{where} lacks the field(s) {', '.join(missing)}")
+    if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
+        raise InputError(f"{where}: 'options' must be a list of 2 to {len(LETTERS)} options")
     answer = record["answer"]
     answer = LETTERS.index(answer) if isinstance(answer, str) and answer in LETTERS else answer
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise InputError(f"{path}:{number}: 'answer' must be an index or letter of the choices, got {record['answer']!r}")
-    lines = "".join(f"{LETTERS[i]}. {choice}\n" for i, choice in enumerate(choices))
-    prompt = f"Question: {record['question']}\n{lines}Answer:"
-    return Example(prompt, tuple(" " + LETTERS[i] for i in range(len(choices))), answer)
+    if not isinstance(answer, int) or not 0 <= answer < len(options):
+        raise InputError(f"{where}: 'answer' must be an index or letter of the options, got {record['answer']!r}")
+    return MCQAItem(str(record["question"]), tuple(str(o) for o in options), answer)
+
+
+def _mcqa_example(path, number: int, record: dict) -> Example:
+    item = mcqa_item(record, f"{path}:{number}")
+    lines = "".join(f"{LETTERS[i]}. {option}\n" for i, option in enumerate(item.options))
+    prompt = f"Question: {item.question}\n{lines}Answer:"
+    return Example(prompt, tuple(" " + LETTERS[i] for i in range(len(item.options))), item.answer)
 
 
 def option_token_ids(model, options: tuple[str, ...]) -> list[int]:

@@ -7,74 +7,20 @@ A Triton kernel on CUDA (and on the CPU under TRITON_INTERPRET=1, for tests) and
 with the same signature and results. Pure tensors: no model, no tokenizer.
 """
 
-from __future__ import annotations
+if __name__ == "headlab.kernels":
+    # Only as headlab.kernels. From the repository root (a script or REPL started there) the directory is also
+    # importable as top-level `kernels`, which transformers imports to probe for Hugging Face's package of that
+    # name; it must stay an empty module then, or it would import headlab while transformers is half-initialised.
+    from headlab.kernels.dispatch import (  # noqa: F401
+        BACKENDS,
+        AttentionStats,
+        DEFAULT_WANT,
+        STATISTICS,
+        attention_with_stats,
+        queries_seeing,
+        triton_usable,
+        visible_keys,
+    )
 
-import os
-import warnings
-
-import torch
-
-from headlab.errors import InputError
-from headlab.kernels.masks import queries_seeing, visible_keys
-from headlab.kernels.stats import DEFAULT_WANT, STATISTICS, AttentionStats, check_problem
-from headlab.kernels.torch_twin import attention_with_stats_torch
-
-BACKENDS = ("auto", "torch", "triton")
-_warned = False
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def attention_with_stats(
-    q,
-    k,
-    v,
-    *,
-    causal: bool = True,
-    window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    spans=None,
-    want=DEFAULT_WANT,
-    query_rows=None,
-    backend: str = "auto",
-    strict: bool = False,
-):
-    """Attention output and per-head statistics.
-
-    q: [batch, heads, nq, d]; k, v: [batch, kv_heads, nk, d] (heads a multiple of kv_heads); queries are the
-    last nq of the nk positions. window: keys more than window-1 behind a query are hidden (causal only).
-    softcap: scores -> softcap * tanh(scores / softcap). spans: {name: (start, end)} or [(start, end), ...]
-    of keys. want: any of "lse", "top1", "span_mass", "entropy", "colsum". query_rows: the queries for top1
-    and entropy (default all; negative counts from the end).
-    backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton"; Triton without CUDA falls back
-    to torch with one warning, or raises when strict=True.
-    Returns (out [batch, heads, nq, d] in q's dtype, AttentionStats in float32 / int64).
-    """
-    global _warned
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    problem = check_problem(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, spans=spans,
-                            want=want, query_rows=query_rows)
-    use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
-    if use_triton and not triton_usable(q.device):
-        if strict:
-            raise InputError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-        if not _warned:
-            warnings.warn("Triton needs CUDA tensors: using the torch twin instead", stacklevel=2)
-            _warned = True
-        use_triton = False
-    if use_triton:
-        from headlab.kernels.triton_kernel import attention_with_stats_triton
-
-        return attention_with_stats_triton(q, k, v, problem)
-    return attention_with_stats_torch(q, k, v, problem)
-
-
-__all__ = ["AttentionStats", "BACKENDS", "DEFAULT_WANT", "STATISTICS", "attention_with_stats", "queries_seeing",
-           "triton_usable", "visible_keys"]
+    __all__ = ["AttentionStats", "BACKENDS", "DEFAULT_WANT", "STATISTICS", "attention_with_stats", "queries_seeing",
+               "triton_usable", "visible_keys"]

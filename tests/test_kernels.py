@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-import headlab.kernels as kernels
+import headlab.kernels.dispatch as kernels
 from headlab import InputError
 from headlab.kernels import attention_with_stats, queries_seeing
 from headlab.kernels.reference import reference_stats

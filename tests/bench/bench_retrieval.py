@@ -65,9 +65,10 @@ def reference_step_scores(attentions, token, prompt_ids, start: int, end: int) -
 
 
 def vectorized_step_scores(attentions, token: int, context: torch.Tensor, answer) -> torch.Tensor:
-    """headlab's rule on the same attention rows: all heads of all layers in one op."""
-    rows = torch.stack([a[0, :, -1] for a in attentions])  # [layer, head, keys]
-    return retrieval.copy_hits(rows.argmax(dim=-1), token, context, answer).float() / (answer[1] - answer[0])
+    """headlab's rule on the same attention rows: the top-1 keys of all heads of a layer in one op, then every
+    head of every layer scored in one op."""
+    top_keys = torch.stack([a[0, :, -1].argmax(dim=-1) for a in attentions])  # [layer, head]
+    return retrieval.copy_hits(top_keys, token, context, answer).float() / (answer[1] - answer[0])
 
 
 def main() -> None:
