@@ -187,6 +187,15 @@ def option_logits(model, example: Example) -> Float[torch.Tensor, "options"]:
     return rows @ hidden
 
 
+def evaluate(model, task: ClassificationTask) -> tuple[float, float]:
+    """(accuracy, mean log-probability of the right option among the options): the fraction of examples whose
+    highest-logit option is the answer, and a finer measure of the same choice."""
+    logits = [option_logits(model, e) for e in task.examples]
+    right = [int(x.argmax()) == e.answer for x, e in zip(logits, task.examples)]
+    logprob = [float(x.log_softmax(-1)[e.answer]) for x, e in zip(logits, task.examples)]
+    return float(np.mean(right)), float(np.mean(logprob))
+
+
 def accuracy(model, task: ClassificationTask) -> float:
     """Fraction of examples whose highest-logit option is the answer."""
-    return float(np.mean([int(option_logits(model, e).argmax()) == e.answer for e in task.examples]))
+    return evaluate(model, task)[0]

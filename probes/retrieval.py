@@ -287,7 +287,7 @@ def answer_needle(model, prompt: NiahPrompt, *, max_new_tokens: int = MAX_NEW_TO
     context = torch.cat([ids, torch.zeros(max_new_tokens, dtype=torch.long, device=ids.device)])
     copies = torch.zeros(model.n_layers, model.n_heads)
     stops, generated = stop_token_ids(model), []
-    with recording(model, want=()) as recorder:
+    with recording(model, want=(), backend=backend) as recorder:
         cache = model.hf.base_model(input_ids=ids[None, :-1], use_cache=True).past_key_values
         recorder.want = ("top1",)
         token = ids[-1:]

@@ -32,7 +32,7 @@ from headlab.errors import InputError
 from headlab.kernels import queries_seeing
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name, versions
-from headlab.tasks import ClassificationTask, accuracy
+from headlab.tasks import ClassificationTask, evaluate
 
 ALPHA, BETA, MIN_QUERIES = 0.1, 0.4, 32
 STABLE = 1e-6  # rows with less non-sink mass than this are left as they are (nothing to hand the mass to)
@@ -237,8 +237,10 @@ def search_heads(model, task: ClassificationTask, *, candidates: int = 24, max_h
     """Choose ACT heads on a calibration split, evaluate them on the held-out split, for several seeds.
 
     Candidates: the heads with the most non-initial sink mass on the task's own prompts. Each is scored alone on the
-    calibration split; heads are then added greedily in that order while calibration accuracy improves.
-    min_queries defaults to a quarter of the shortest prompt (task prompts are short).
+    calibration split by (accuracy, mean log-probability of the right option): accuracy decides, the log-probability
+    breaks its ties. Heads that improve on the uncalibrated model are then added greedily, best first, while the
+    calibration split keeps improving. min_queries defaults to a quarter of the shortest prompt (task prompts are
+    short).
     """
     prompts = [model.to_tokens(example.prompt) for example in task.examples]
     shortest = min(p.shape[1] for p in prompts)
@@ -249,28 +251,29 @@ def search_heads(model, task: ClassificationTask, *, candidates: int = 24, max_h
     runs = []
     for seed in seeds:
         calibration, held_out = task.split(calibration_fraction, seed)
-        base_cal = accuracy(model, calibration)
-        gains = []
+        base = evaluate(model, calibration)
+        alone = []
         for head in progress_bar(pool, f"ACT search, seed {seed}", disable=not progress):
             with calibrate(model, [head], alpha, beta, min_queries):
-                gains.append(accuracy(model, calibration) - base_cal)
-        chosen, best = [], base_cal
-        for gain, head in sorted(zip(gains, pool), key=lambda x: -x[0]):
-            if gain <= 0 or len(chosen) >= max_heads:
+                alone.append(evaluate(model, calibration))
+        chosen, best = [], base
+        for result, head in sorted(zip(alone, pool), key=lambda x: x[0], reverse=True):
+            if result <= base or len(chosen) >= max_heads:
                 break
             with calibrate(model, chosen + [head], alpha, beta, min_queries):
-                trial = accuracy(model, calibration)
+                trial = evaluate(model, calibration)
             if trial > best:
                 chosen, best = chosen + [head], trial
-        before = accuracy(model, held_out)
+        before = evaluate(model, held_out)
+        after = before
         if chosen:
             with calibrate(model, chosen, alpha, beta, min_queries):
-                after = accuracy(model, held_out)
-        else:
-            after = before
-        runs.append({"seed": seed, "heads": [head_name(*h) for h in chosen], "calibration_before": base_cal,
-                     "calibration_after": best, "held_out_before": before, "held_out_after": after,
-                     "change": after - before})
+                after = evaluate(model, held_out)
+        runs.append({"seed": seed, "heads": [head_name(*h) for h in chosen],
+                     "calibration_before": base[0], "calibration_after": best[0],
+                     "held_out_before": before[0], "held_out_after": after[0], "change": after[0] - before[0],
+                     "held_out_logprob_before": before[1], "held_out_logprob_after": after[1],
+                     "alone_accuracy_change": {head_name(*h): r[0] - base[0] for h, r in zip(pool, alone)}})
     changes = [r["change"] for r in runs]
     return {"task": task.name, "alpha": alpha, "beta": beta, "min_queries": min_queries,
             "candidates": [head_name(*h) for h in pool], "runs": runs,
