@@ -58,11 +58,11 @@ def haystack_text(path: str | Path | None = None) -> str:
 
 
 def haystack_sentences(count: int, seed: int = 0, min_chars: int = 40, max_chars: int = 200) -> list[str]:
-    """`count` seeded prose sentences of the default haystack (no code lines, no line breaks)."""
-    text = haystack_text()
-    candidates = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
-                  if min_chars <= len(s.strip()) <= max_chars and "\n" not in s.strip()
-                  and not s.strip().startswith(("*", ">>>", "|"))]
+    """`count` seeded prose sentences of the default haystack: paragraphs that start at the margin (not code or
+    grammar), hard line breaks joined, split after '.', '!' or '?'."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", haystack_text())
+                  if p.strip() and not p.startswith((" ", "*", ">>>", "|"))]
+    candidates = [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+", p) if min_chars <= len(s) <= max_chars]
     if count > len(candidates):
         raise InputError(f"the haystack has {len(candidates)} such sentences; asked for {count}")
     import numpy as np
