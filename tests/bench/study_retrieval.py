@@ -39,10 +39,15 @@ def stability(outcomes: list, key: str, k: int, n_heads: int) -> dict:
         if r.retrieved:
             groups.setdefault(getattr(r, key), []).append(np.asarray(r.head_scores))
     tops = {g: top_set(np.mean(m, axis=0), k) for g, m in groups.items()}
+    above = {g: set(np.flatnonzero(np.mean(m, axis=0).ravel() > retrieval.RETRIEVAL_THRESHOLD).tolist())
+             for g, m in groups.items()}
     pairs = [jaccard(tops[a], tops[b]) for a, b in itertools.combinations(sorted(tops), 2)]
+    above_pairs = [jaccard(above[a], above[b]) for a, b in itertools.combinations(sorted(above), 2)]
     return {"groups": {str(g): len(m) for g, m in groups.items()},
             "mean_jaccard_top%d" % k: float(np.mean(pairs)) if pairs else None,
-            "chance_jaccard": k / (2 * n_heads - k)}
+            "chance_jaccard": k / (2 * n_heads - k),
+            "heads_above_0.1": {str(g): len(a) for g, a in above.items()},
+            "mean_jaccard_above_0.1": float(np.mean(above_pairs)) if above_pairs else None}
 
 
 def main() -> None:
