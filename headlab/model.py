@@ -152,6 +152,10 @@ class HeadModel:
             )
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
+    def token_ids(self, text: str) -> list[int]:
+        """Ids of `text` with no special tokens added (for prompts joined piece by piece)."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
     def to_str_tokens(self, tokens: Int[torch.Tensor, "pos"] | str) -> list[str]:
         if isinstance(tokens, str):
             tokens = self.to_tokens(tokens)[0]

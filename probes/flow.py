@@ -221,18 +221,14 @@ def _build_kernels():
     return max_flow_pairs
 
 
-def is_causal_attention(attentions) -> bool:
-    a = check_attention(attentions)
-    return bool((a.triu(diagonal=1).abs().max() == 0).item())
-
-
 def flow(attentions, *, outputs=None, fuse: str = "mean", residual: float = 0.5, normalize: bool = True
          ) -> Float[torch.Tensor, "out n"]:
     """Max-flow value from each output node (L, o) to each input token (0, t), normalised per output node
     (rows sum to 1) unless normalize=False. Causal structure is detected from the attention itself."""
     augmented = residual_attention(attentions, fuse=fuse, residual=residual)
     rows = _outputs(outputs, augmented.shape[-1])
-    values = _compiled()(augmented.numpy(), np.asarray(rows, dtype=np.int64), is_causal_attention(attentions))
+    causal = bool((augmented.triu(diagonal=1) == 0).all())  # no key after its query in any layer
+    values = _compiled()(augmented.numpy(), np.asarray(rows, dtype=np.int64), causal)
     values = torch.from_numpy(values)
     return values / values.sum(-1, keepdim=True) if normalize else values
 

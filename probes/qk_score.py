@@ -23,6 +23,7 @@ from jaxtyping import Float
 
 from headlab.capture import AttentionEdit, editing
 from headlab.errors import InputError
+from headlab.kernels import visible_keys
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name, versions
 from headlab.tasks import LETTERS, MCQAItem, load_mcqa
@@ -60,10 +61,6 @@ class MCQAPrompt:
     answer: int
 
 
-def _ids(model, text: str) -> list[int]:
-    return model.tokenizer(text, add_special_tokens=False).input_ids if text else []
-
-
 def build_prompt(model, item: MCQAItem, template: Template = Template(), where: str = "item") -> MCQAPrompt:
     """Join the token ids of the pieces, so each option's letter and line-ending newline have exact positions."""
     options = tuple(item.options) + tuple(template.extra)
@@ -71,20 +68,20 @@ def build_prompt(model, item: MCQAItem, template: Template = Template(), where: 
         raise InputError(f"{where} has fewer than two options")
     if len(options) > len(LETTERS):
         raise InputError(f"{where} has {len(options)} options; at most {len(LETTERS)} fit the letters")
-    ids = ([model.bos_token_id] if model.bos_token_id is not None else []) + _ids(
-        model, template.question.format(question=item.question))
+    ids = ([model.bos_token_id] if model.bos_token_id is not None else []) + model.token_ids(
+        template.question.format(question=item.question))
     newline, letter = [], []
     for i, option in enumerate(options):
-        letter_ids = _ids(model, LETTERS[i])
-        rest = _ids(model, template.option.format(letter="", option=option))
-        end = _ids(model, "\n")
+        letter_ids = model.token_ids(LETTERS[i])
+        rest = model.token_ids(template.option.format(letter="", option=option))
+        end = model.token_ids("\n")
         if not letter_ids or not end:
             raise InputError(f"{where}: cannot locate the tokens that end option {LETTERS[i]} for {model.name}")
         ids += letter_ids
         letter.append(len(ids) - 1)
         ids += rest + end
         newline.append(len(ids) - 1)
-    ids += _ids(model, template.end)
+    ids += model.token_ids(template.end)
     return MCQAPrompt(ids, newline, letter, options, item.answer)
 
 
@@ -101,7 +98,7 @@ def letter_token_ids(model, n: int) -> list[int]:
     """The token the model would emit for each option letter after "Answer:": " A", " B", ... (or "A", "B", ...
     where the spaced forms do not start with distinct tokens)."""
     for prefix in (" ", ""):
-        ids = [_ids(model, prefix + LETTERS[i])[0] for i in range(n)]
+        ids = [model.token_ids(prefix + LETTERS[i])[0] for i in range(n)]
         if len(set(ids)) == n:
             return ids
     raise InputError(f"{model.name}'s tokenizer does not give the option letters distinct tokens")
@@ -157,10 +154,9 @@ def _batch_scores(model, batch: list[MCQAPrompt], letter_ids: list[int]) -> dict
                 logits = raw * scale
                 if geometry["softcap"] is not None:
                     logits = torch.tanh(logits / geometry["softcap"]) * geometry["softcap"]
-                weight = torch.exp(logits - lse[..., None])
-                if geometry["window"] is not None:  # keys out of a sliding window get no attention
-                    weight = weight * ((last[:, None] - positions) < geometry["window"])[:, None, :]
-                post[layer][key] = (raw, weight)
+                visible = torch.stack([visible_keys(last[i:i + 1], positions[i], geometry["causal"],
+                                                    geometry["window"])[0] for i in range(len(batch))])
+                post[layer][key] = (raw, torch.exp(logits - lse[..., None]) * visible[:, None, :])
             return attn_out
         return apply
 

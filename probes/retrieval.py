@@ -165,10 +165,6 @@ def _template(model, task: NiahTask) -> tuple[str, str]:
     return before, after
 
 
-def _ids(model, text: str) -> list[int]:
-    return model.tokenizer(text, add_special_tokens=False).input_ids if text else []
-
-
 @lru_cache(maxsize=4)
 def _haystack_ids(tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [n], sentence_end [n] bool: the token ends a sentence, so a needle may follow it)."""
@@ -184,14 +180,14 @@ def build_prompt(model, task: NiahTask, test: NiahTest) -> NiahPrompt:
     if test.length > model.n_ctx:
         raise InputError(f"a {test.length}-token prompt exceeds {model.name}'s context of {model.n_ctx}")
     before, after = _template(model, task)
-    head = _ids(model, before + task.intro)
+    head = model.token_ids(before + task.intro)
     if not before and model.bos_token_id is not None:
         head = [model.bos_token_id] + head
     fact_before, fact_after = test.needle.fact.split("{answer}")
     space = " " if fact_before.endswith(" ") else ""  # a word's leading space belongs to its token
-    needle_parts = [_ids(model, " " + fact_before.rstrip(" ")), _ids(model, space + test.needle.answer),
-                    _ids(model, fact_after + " ")]
-    tail = _ids(model, task.question_template.format(question=test.needle.question) + after)
+    needle_parts = [model.token_ids(" " + fact_before.rstrip(" ")), model.token_ids(space + test.needle.answer),
+                    model.token_ids(fact_after + " ")]
+    tail = model.token_ids(task.question_template.format(question=test.needle.question) + after)
     hay, sentence_end = _haystack_ids(model.tokenizer, task.haystack)
     n_hay = test.length - len(head) - len(tail) - sum(map(len, needle_parts))
     if n_hay < 1:

@@ -29,7 +29,7 @@ from jaxtyping import Bool, Float
 from headlab.capture import AttentionEdit, attention_stats, editing, stack_stats
 from headlab.data import haystack_text
 from headlab.errors import InputError
-from headlab.kernels import queries_seeing
+from headlab.kernels import queries_seeing, visible_keys
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name, versions
 from headlab.tasks import ClassificationTask, evaluate
@@ -143,6 +143,14 @@ def scan(model, texts=None, *, alpha: float = ALPHA, min_queries: int = MIN_QUER
 
 # ---- ACT calibration ----------------------------------------------------------------------------------------
 
+def _redistribution(on_sinks: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor for sink weights, factor for the other weights) of rows with `on_sinks` mass on the calibrated
+    sinks: sinks keep beta, the rest grows to give the removed mass back; rows with (almost) nothing else stay."""
+    rest = 1 - on_sinks
+    ok = rest > STABLE
+    return torch.where(ok, beta, 1.0), torch.where(ok, (rest + (1 - beta) * on_sinks) / rest.clamp(min=STABLE), 1.0)
+
+
 def calibrate_pattern(
     pattern: Float[torch.Tensor, "b h nq nk"], *, alpha: float = ALPHA, beta: float = BETA,
     min_queries: int = MIN_QUERIES, causal: bool = True, window: int | None = None,
@@ -158,10 +166,7 @@ def calibrate_pattern(
         chosen[heads] = True
         sinks &= chosen[None, :, None]
     sinks = sinks[:, :, None, :]  # [b, h, 1, nk]
-    on_sinks = (pattern * sinks).sum(-1, keepdim=True)
-    rest = 1 - on_sinks
-    scale = torch.where(rest > STABLE, (rest + (1 - beta) * on_sinks) / rest.clamp(min=STABLE), 1.0)
-    keep = torch.where(rest > STABLE, beta, 1.0)
+    keep, scale = _redistribution((pattern * sinks).sum(-1, keepdim=True), beta)
     return torch.where(sinks, pattern * keep, pattern * scale)
 
 
@@ -187,17 +192,10 @@ def _calibrated_output(heads: list[int], alpha: float, beta: float, min_queries:
         scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k_s) * scale
         if geometry["softcap"] is not None:
             scores = torch.tanh(scores / geometry["softcap"]) * geometry["softcap"]
-        q_pos = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
-        visible = torch.ones(n_q, len(keys), dtype=torch.bool, device=q.device)
-        if geometry["causal"]:
-            visible &= keys[None, :] <= q_pos
-        if geometry["window"] is not None:
-            visible &= q_pos - keys[None, :] < geometry["window"]
+        visible = visible_keys(torch.arange(n_k - n_q, n_k, device=q.device), keys, geometry["causal"],
+                               geometry["window"])
         p = torch.exp(scores - stats.lse[..., None]) * (visible & sinks[:, :, None, keys])
-        on_sinks = p.sum(-1, keepdim=True)
-        rest = 1 - on_sinks
-        c = torch.where(rest > STABLE, (rest + (1 - beta) * on_sinks) / rest.clamp(min=STABLE), 1.0)
-        keep = torch.where(rest > STABLE, beta, 1.0)
+        keep, c = _redistribution(p.sum(-1, keepdim=True), beta)
         calibrated = c * out.float() + (keep - c) * (p @ v_s)
         return calibrated.to(out.dtype)
 
