@@ -43,6 +43,7 @@ bench: install
 	$(PY) tests/bench/bench_attention_stats.py --out bench_attention_stats.json
 	$(PY) tests/bench/bench_retrieval.py --out bench_retrieval.json
 	$(PY) tests/bench/bench_flow.py --out bench_flow.json
+	$(PY) tests/bench/bench_patching.py --out bench_patching.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -60,9 +60,16 @@ def _qk(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadS
     return qk_score.scan(model, items[:40] if quick else items, seed=seed, permutations=not quick)
 
 
+def _patching(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
+    from headlab.probes import patching
+
+    return patching.scan(model, n=4 if quick else 16, seed=seed)
+
+
 # name -> fn(model, quick, seed, max_context, workdir): workdir is a path stem in the resumable staging folder
 PROBES: dict[str, Callable[..., HeadScores]] = {"detectors": _detectors, "retrieval": _retrieval,
-                                                  "sinks": _sinks, "qk": _qk, "flow": _flow}
+                                                  "sinks": _sinks, "qk": _qk, "flow": _flow,
+                                                  "patching": _patching}
 
 
 def _fail(message: str) -> None:

@@ -29,6 +29,12 @@ MEANINGS = {
           "the right option's line end in multiple-choice questions (validation split)",
     "flow": "agreement (Pearson) of the head's attention from the last position with the attention flow "
             "(Abnar & Zuidema) of the whole model",
+    "patching": "activation patching (IOI): the share of the clean - corrupted logit difference restored by "
+                "patching the head's clean output (z, all positions) into the corrupted run",
+    "patching_noising": "the share lost when the head's corrupted output is patched into the clean run",
+    "patching_attribution": "attribution patching's first-order estimate of the patching score",
+    "patching_dla": "direct logit attribution: the head's direct contribution to the logit difference "
+                    "(final norm scale from the run)",
 }
 
 

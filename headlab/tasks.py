@@ -164,7 +164,11 @@ def mcqa_item(record: dict, where: str = "item") -> MCQAItem:
 
 
 def _mcqa_example(path, number: int, record: dict) -> Example:
-    item = mcqa_item(record, f"{path}:{number}")
+    return mcqa_example(mcqa_item(record, f"{path}:{number}"))
+
+
+def mcqa_example(item: MCQAItem) -> Example:
+    """The item as a prompt ("Question: ...\\nA. ...\\nAnswer:") whose options are the letters " A", " B", ..."""
     lines = "".join(f"{LETTERS[i]}. {option}\n" for i, option in enumerate(item.options))
     prompt = f"Question: {item.question}\n{lines}Answer:"
     return Example(prompt, tuple(" " + LETTERS[i] for i in range(len(item.options))), item.answer)

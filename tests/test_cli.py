@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from headlab.cli import app
@@ -76,3 +77,16 @@ def test_unwritable_output_fails_before_any_compute(tmp_path):
     blocker.write_text("")
     result = runner.invoke(app, ["scan", "no-such-model", "--out", str(blocker / "scan")])
     assert result.exit_code == 1 and "cannot write the output folder" in result.output  # before the model lookup
+
+
+@pytest.mark.real
+def test_scan_patching_on_smollm2(tmp_path):
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", "smollm2-135m", "--probes", "patching", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    heads = pd.read_csv(out / "heads.csv")
+    assert len(heads) == 270 and {"patching", "patching_noising", "patching_attribution", "patching_dla"} <= set(
+        heads.columns)
+    assert heads["patching"].notna().all() and heads["patching"].abs().max() > 0.05
+    meta = json.loads((out / "probes" / "patching.json").read_text())
+    assert meta["task"].startswith("ioi") and meta["clean_metric"] == pytest.approx(-meta["corrupted_metric"], abs=1e-4)
