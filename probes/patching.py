@@ -91,12 +91,14 @@ class PatchingTask:
         return float((last[rows, self.answer] > last[rows, self.wrong]).double().mean())
 
 
-def ioi_task(model, n: int = 16, seed: int = 0, template: int = 0, corruption: str = "swap") -> PatchingTask:
+def ioi_task(model, n: int = 16, seed: int = 0, template: int = 0, corruption: str = "swap",
+             names: Sequence[str] = IOI_NAMES) -> PatchingTask:
     """Indirect object identification (TransformerLens' `IOIDataset`, one template, n prompts from n // 2 name
     pairs in both orders): the clean prompt ends "... gave the milk to"; the metric is logit(indirect object) -
     logit(subject). Corrupted twin: `swap` exchanges the two names (its answer is the clean subject; with both
     orders in the batch, denoising and noising effects then coincide exactly), `names` replaces both by two other
-    names (the IOI paper's ABC-style corruption: no information about either name is left)."""
+    names (the IOI paper's ABC-style corruption: no information about either name is left). `names`: the pool
+    (names that are not one token with and without a leading space are left out)."""
     from transformer_lens.evals import IOIDataset
 
     templates = IOIDataset.get_default_templates()
@@ -104,9 +106,9 @@ def ioi_task(model, n: int = 16, seed: int = 0, template: int = 0, corruption: s
         raise InputError(f"template must be 0..{len(templates) - 1}, got {template}")
     if corruption not in ("swap", "names"):
         raise InputError(f"corruption must be 'swap' or 'names', got {corruption!r}")
-    names = [name for name in IOI_NAMES if len(model.token_ids(name)) == len(model.token_ids(" " + name)) == 1]
-    if len(names) < 4:
-        raise InputError(f"fewer than four of the IOI names are single tokens for {model.name}")
+    names = [name for name in names if len(model.token_ids(name)) == len(model.token_ids(" " + name)) == 1]
+    if len(names) < (2 if corruption == "swap" else 4):
+        raise InputError(f"too few of the IOI names are single tokens for {model.name}: {names}")
     data = IOIDataset(model.tokenizer, templates=[templates[template]], names=names, num_samples=n,
                       symmetric=True, seed=seed)
     rng = random.Random(seed)

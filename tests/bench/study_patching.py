@@ -29,7 +29,7 @@ def top_heads(matrix: torch.Tensor, k: int = 10) -> list[list]:
     return [[head_name(*divmod(int(i), n_heads)), round(float(matrix.flatten()[i]), 4)] for i in order]
 
 
-def study(model, task: P.PatchingTask, paths: bool) -> dict:
+def study(model, task: P.PatchingTask, paths: bool, resid: bool = True) -> dict:
     start = time.perf_counter()
     scores = P.scan(model, task, progress=False)
     frame = scores.frame
@@ -41,10 +41,12 @@ def study(model, task: P.PatchingTask, paths: bool) -> dict:
            "top_attribution": top_heads(matrix("attribution")), "top_dla": top_heads(matrix("dla")),
            "attribution_vs_activation": scores.meta["attribution_vs_activation"],
            "noising_vs_denoising": P.agreement(matrix("noising"), matrix("score"))}
-    resid = P.activation_patch(model, task.clean, task.corrupted, "resid_pre", metric=task.metric, progress=False)
-    resid_attr = P.attribution_patch(model, task.clean, task.corrupted, "resid_pre", metric=task.metric)
-    out["resid_pre"] = resid.normalised.tolist()
-    out["resid_pre_attribution_vs_activation"] = P.agreement(resid_attr.normalised, resid.normalised)
+    if resid:
+        patched = P.activation_patch(model, task.clean, task.corrupted, "resid_pre", metric=task.metric,
+                                     progress=False)
+        attributed = P.attribution_patch(model, task.clean, task.corrupted, "resid_pre", metric=task.metric)
+        out["resid_pre"] = patched.normalised.tolist()
+        out["resid_pre_attribution_vs_activation"] = P.agreement(attributed.normalised, patched.normalised)
     if paths:
         edges = P.edge_attribution(model, task.clean, task.corrupted, metric=task.metric, components=("q",))
         out["paths"] = []
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--tasks", nargs="+", default=["ioi", "ioi_names", "mcqa"])
+    parser.add_argument("--no-resid", action="store_true", help="skip the residual stream (layer x position) sweep")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = headlab.load_model(args.model)
@@ -77,7 +80,7 @@ def main() -> None:
     # tasks already in the output file are kept (a study can be completed task by task)
     summary = json.loads(args.out.read_text()) if args.out.exists() else {"model": args.model, "tasks": {}}
     for name in args.tasks:
-        summary["tasks"][name] = study(model, tasks[name](), paths=name == "ioi")
+        summary["tasks"][name] = study(model, tasks[name](), paths=name == "ioi", resid=not args.no_resid)
         print(name, json.dumps({k: v for k, v in summary["tasks"][name].items()
                                 if k not in ("scores", "resid_pre")}), flush=True)
         atomic_write_text(args.out, json.dumps(summary, indent=1))
