@@ -226,7 +226,7 @@ class Resumable:
             raise InputError("this model's blocks cannot be resumed from a later position")
         n = self.tokens.shape[0]
         x = self.cache[f"blocks.{layer}.hook_resid_pre"][:, start:].repeat(copies, 1, 1)
-        self.prefix.resume_at(start, n, copies)
+        self.prefix.start = start
         try:
             with self.bridge.hooks(fwd_hooks=list(hooks)):
                 for i in range(layer, self.model.n_layers):
@@ -236,7 +236,7 @@ class Resumable:
                     x = out[0] if isinstance(out, tuple) else out
                 logits = self.bridge.unembed(self.bridge.ln_final(x[:, -1:] if last_only else x))
         finally:
-            self.prefix.resume_at(None, n, 1)
+            self.prefix.start = None
         if self.soft_cap is not None:
             logits = self.soft_cap * torch.tanh(logits / self.soft_cap)
         if start and not last_only:  # positions before `start` are the base run's
@@ -252,10 +252,7 @@ class _PrefixCache:
     def __init__(self):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.start, self.batch, self.copies = None, 1, 1
-
-    def resume_at(self, start: int | None, batch: int, copies: int) -> None:
-        self.start, self.batch, self.copies = start, batch, copies
+        self.start: int | None = None  # None: recording the base run
 
     def update(self, k, v, layer_idx, *args, **kwargs):
         if self.start is None:
@@ -365,11 +362,6 @@ class PatchResult:
         base = self.corrupted if self.direction == "denoise" else self.clean
         return (self.values - base) / (self.clean - self.corrupted) * (1 if self.direction == "denoise" else -1)
 
-    def head_matrix(self, column: str = "effect") -> torch.Tensor:
-        """[layer, head] of `effect` or `normalised`, for results patched over heads at all positions."""
-        if self.axes != ("head",):
-            raise InputError(f"a [layer, head] matrix needs a result over ('head',), this one is over {self.axes}")
-        return getattr(self, column)
 
 
 def _default_metric(metric, answer, wrong) -> Metric:
@@ -529,14 +521,11 @@ def split_qkv_input(model):
         bridge.set_use_split_qkv_input(saved)
 
 
-def _sender_delta(model, clean_cache, corrupted_cache, senders, layer):
-    """Sum over senders below `layer` of (clean - corrupted) write: [batch, pos, d_model], or None."""
-    delta = None
-    for sl, sh in senders:
-        if sl < layer:
-            d = head_writes(model, clean_cache, sl)[:, :, sh] - head_writes(model, corrupted_cache, sl)[:, :, sh]
-            delta = d if delta is None else delta + d
-    return delta
+def _sender_deltas(model, clean_cache, corrupted_cache, senders) -> list[tuple[int, torch.Tensor]]:
+    """(layer, clean - corrupted write [batch, pos, d_model]) of each sender."""
+    writes = {layer: (head_writes(model, clean_cache, layer), head_writes(model, corrupted_cache, layer))
+              for layer in {l for l, _ in senders}}
+    return [(l, writes[l][0][:, :, h] - writes[l][1][:, :, h]) for l, h in senders]
 
 
 @torch.no_grad()
@@ -571,11 +560,12 @@ def path_patch(model, clean, corrupted, senders, *, component: str = "q", metric
         by_layer = {l: [h for ll, h in receivers if ll == l] for l in sorted({l for l, _ in receivers})}
         chunk = _chunk_size(model, n, clean.shape[1], memory_budget)
         jobs = [(l, hs[i:i + chunk]) for l, hs in by_layer.items() for i in range(0, len(hs), chunk)]
+        deltas = _sender_deltas(model, clean_run.cache, base.cache, senders)
         for layer, heads in progress_bar(jobs, f"path patching ({component})", disable=not progress):
-            delta = _sender_delta(model, clean_run.cache, base.cache, senders, layer)
-            if delta is None:
+            upstream = [d for l, d in deltas if l < layer]
+            if not upstream:
                 continue
-            hook = _add_hook([(slice(None), h) for h in heads], delta.unsqueeze(2), n)
+            hook = _add_hook(heads, sum(upstream), n)
             logits = base.resume(layer, len(heads), [(f"blocks.{layer}.attn.hook_{component}_input", hook)],
                                  _last_only(metric))
             for c, h in enumerate(heads):
@@ -584,13 +574,12 @@ def path_patch(model, clean, corrupted, senders, *, component: str = "q", metric
                        "denoise", {"senders": [head_name(*s) for s in senders], "path": component})
 
 
-def _add_hook(slices: list[tuple], delta: torch.Tensor, n: int) -> Callable:
-    """Copy c (rows c*n ... (c+1)*n - 1) gets `delta` added at `slices[c]` (after batch and position)."""
+def _add_hook(heads: list[int], delta: Float[torch.Tensor, "batch pos d_model"], n: int) -> Callable:
+    """Copy c (rows c*n ... (c+1)*n - 1) gets `delta` added to head `heads[c]`'s input [batch, pos, head, d_model]."""
     def hook(activation, hook):
         activation = activation.clone()
-        for c, index in enumerate(slices):
-            rows = slice(c * n, (c + 1) * n)
-            activation[(rows, *index)] = activation[(rows, *index)] + delta[:, :, 0]
+        for c, head in enumerate(heads):
+            activation[c * n:(c + 1) * n, :, head] += delta
         return activation
     return hook
 
