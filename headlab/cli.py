@@ -66,10 +66,27 @@ def _patching(model, quick: bool, seed: int, max_context: int, workdir: Path) ->
     return patching.scan(model, n=4 if quick else 16, seed=seed)
 
 
+def _vision(model, quick: bool, seed: int, max_context: int, workdir: Path) -> HeadScores:
+    from headlab.probes import vision
+
+    n = 4 if quick else 16
+    if model.is_multimodal:
+        return vision.scan(model, vision.shapes_prompts(model, n, seed=seed), stop=vision.shapes_stop(model))
+    from headlab.probes import retrieval  # a text model: the NIAH document is the context span
+
+    limit = min(max_context, model.n_ctx, 1024)
+    task = retrieval.niah_task(needles=2 if quick else 4, lengths=(limit,), depths=(0.25, 0.75), seed=seed)
+    prompts = []
+    for test in task.tests():
+        built = retrieval.build_prompt(model, task, test)
+        prompts.append(vision.SpanPrompt(built.ids, built.document))
+    return vision.scan(model, prompts, stop=sorted(retrieval.stop_token_ids(model)))
+
+
 # name -> fn(model, quick, seed, max_context, workdir): workdir is a path stem in the resumable staging folder
 PROBES: dict[str, Callable[..., HeadScores]] = {"detectors": _detectors, "retrieval": _retrieval,
                                                   "sinks": _sinks, "qk": _qk, "flow": _flow,
-                                                  "patching": _patching}
+                                                  "patching": _patching, "vision": _vision}
 
 
 def _fail(message: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Int
 
 from headlab.errors import HeadIndexError, InputError, UnknownModelError
-from headlab.registry import REAL_MODELS, ModelSpec, cached_dir, find_cached, verify_cached, write_cache_entry
+from headlab.registry import PACKAGED_MODELS, REAL_MODELS, packaged_model_dir, ModelSpec, cached_dir, find_cached, verify_cached, write_cache_entry
 from headlab.tiny import TINY_BUILDERS, TINY_DESCRIPTIONS, tiny_model
 
 Head = tuple[int, int]
@@ -53,7 +53,18 @@ class HeadModel:
     # ---- geometry -------------------------------------------------------------------------
     @property
     def config(self):
-        return self.hf.config
+        """The language model's config (for a vision-language model, its text config)."""
+        return self.hf.config.get_text_config()
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether the model takes images (`pixel_values`) beside tokens, LLaVA-style."""
+        return getattr(self.hf.config, "vision_config", None) is not None
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The placeholder token that the projected image features replace (vision-language models)."""
+        return getattr(self.hf.config, "image_token_id", None) if self.is_multimodal else None
 
     @property
     def n_layers(self) -> int:
@@ -171,10 +182,18 @@ class HeadModel:
         tokens = torch.as_tensor(tokens)
         return (tokens[None] if tokens.ndim == 1 else tokens).to(self.device)
 
+    def check_pixel_values(self, pixel_values) -> dict:
+        """{"pixel_values": ...} to pass to a forward, or {} for none; raises InputError for a text-only model."""
+        if pixel_values is None:
+            return {}
+        if not self.is_multimodal:
+            raise InputError(f"{self.name} has no image input; pass pixel_values only to a vision-language model")
+        return {"pixel_values": torch.as_tensor(pixel_values).to(self.device, self.dtype)}
+
     @torch.no_grad()
-    def logits(self, tokens) -> torch.Tensor:
-        """Logits [batch, pos, vocab] from `.hf`."""
-        return self.hf(input_ids=self._as_tokens(tokens)).logits
+    def logits(self, tokens, pixel_values=None) -> torch.Tensor:
+        """Logits [batch, pos, vocab] from `.hf` (with the image's pixel values for a vision-language model)."""
+        return self.hf(input_ids=self._as_tokens(tokens), **self.check_pixel_values(pixel_values)).logits
 
     @property
     def bridge(self):
@@ -183,10 +202,11 @@ class HeadModel:
             self._bridge = boot_bridge(self.hf, self.tokenizer, self.hf_name)
         return self._bridge
 
-    def run_with_cache(self, tokens, names_filter=None):
-        """`bridge.run_with_cache` on tokens (or text, tokenized with `to_tokens`)."""
+    def run_with_cache(self, tokens, names_filter=None, pixel_values=None):
+        """`bridge.run_with_cache` on tokens (or text, tokenized with `to_tokens`), with pixel values if given."""
         with torch.no_grad():
-            return self.bridge.run_with_cache(self._as_tokens(tokens), names_filter=names_filter)
+            return self.bridge.run_with_cache(self._as_tokens(tokens), names_filter=names_filter,
+                                              **self.check_pixel_values(pixel_values))
 
     def attention_stats(self, tokens, *, spans=None, want=None, layers=None, query_rows=None, backend: str = "auto"):
         """{layer: AttentionStats} from one `.hf` forward without any N x N tensor (see headlab.capture);
@@ -216,14 +236,22 @@ def boot_bridge(hf, tokenizer, hf_name: str):
     tree; `hf` keeps its modules and attention implementation.
     """
     from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources.transformers import source
 
     shared = {id(t): t for t in list(hf.parameters()) + list(hf.buffers())}
     tree = copy.deepcopy(hf, memo=shared)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(
-            hf_name, hf_model=tree, tokenizer=tokenizer, device=str(hf.device), dtype=hf.dtype
-        )
+    # For multimodal models the bridge fetches a processor from the hub and, when that fails, pip-installs
+    # torchvision, which replaces the CPU torch with CUDA wheels. headlab passes pixel values itself.
+    load_processor = source.load_modality_processor
+    source.load_modality_processor = lambda *args, **kwargs: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TransformerBridge.boot_transformers(
+                hf_name, hf_model=tree, tokenizer=tokenizer, device=str(hf.device), dtype=hf.dtype
+            )
+    finally:
+        source.load_modality_processor = load_processor
 
 
 # ---- registry ---------------------------------------------------------------------------------
@@ -238,6 +266,8 @@ def models() -> list[dict]:
             "cached": (cached is not None) if spec.gguf else spec.installed(),
             "install": spec.pip_command,
         })
+    for name, description in PACKAGED_MODELS.items():
+        rows.append({"name": name, "description": description, "installed": True, "cached": True, "install": ""})
     for name, description in TINY_DESCRIPTIONS.items():
         rows.append({"name": name, "description": description, "installed": True, "cached": True, "install": ""})
     return rows
@@ -308,12 +338,16 @@ def load_model(name_or_path: str, *, device: str | torch.device | None = None, d
         spec = REAL_MODELS[name]
         hf, tokenizer, source, cached = _load_spec(spec)
         hf_name = spec.hf_name
+    elif name in PACKAGED_MODELS:
+        folder = packaged_model_dir(name)
+        hf, tokenizer = _load_local(folder)
+        source, cached, hf_name = str(folder), True, str(folder)
     elif name in TINY_BUILDERS:
         hf, tokenizer = tiny_model(name)
         source, cached, hf_name = "random (seed 0)", True, name
     elif Path(name).is_dir():
         hf, tokenizer = _load_local(Path(name))
-        source, cached, hf_name = str(Path(name).resolve()), True, name
+        source, cached, hf_name = str(Path(name).resolve()), True, str(Path(name).resolve())
     else:
         hf, tokenizer = _load_hub(name)
         source, cached, hf_name = f"hub:{name}", False, name
@@ -326,10 +360,12 @@ def load_model(name_or_path: str, *, device: str | torch.device | None = None, d
 
 
 def _auto_class(config):
-    from transformers import AutoModelForCausalLM, BertForMaskedLM
+    from transformers import AutoModelForCausalLM, BertForMaskedLM, LlavaForConditionalGeneration
 
     if config.model_type.startswith("bert"):
         return BertForMaskedLM
+    if config.model_type == "llava":
+        return LlavaForConditionalGeneration
     return AutoModelForCausalLM
 
 

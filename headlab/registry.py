@@ -126,6 +126,24 @@ RECORD = "headlab.json"
 WEIGHTS = "model.safetensors"
 
 
+# Models trained in this repository, shipped as safetensors in `datasets/` (package data).
+PACKAGED_MODELS: dict[str, str] = {
+    "shapes-llava": "LLaVA-style vision-language model trained here on synthetic coloured shapes with "
+                    "co-occurrence bias (datasets/train_shapes_llava.py); 4-layer Llama, 4 heads",
+}
+
+
+def packaged_model_dir(name: str) -> Path:
+    """The folder of a packaged model (`PACKAGED_MODELS`) inside the installed headlab.datasets."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("headlab.datasets").joinpath(name)))
+    if not (folder / "model.safetensors").exists():
+        raise ModelPackageMissingError(f"the weights of {name} are missing from {folder}; reinstall headlab, or "
+                                       f"retrain them with datasets/train_{name.replace('-', '_')}.py")
+    return folder
+
+
 def cached_dir(spec: ModelSpec, source_sha256: str) -> Path:
     return cache_root() / "models" / f"{spec.name}-{source_sha256[:16]}"
 

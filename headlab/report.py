@@ -35,6 +35,10 @@ MEANINGS = {
     "patching_attribution": "attribution patching's first-order estimate of the patching score",
     "patching_dla": "direct logit attribution: the head's direct contribution to the logit difference "
                     "(final norm scale from the run)",
+    "vision": "vision-aware head divergence (He et al.): mean distance between the head's output with and without "
+              "the context span (the image, or the NIAH document for a text model) over the generated tokens",
+    "vision_text_norm": "mean norm of the head's output without the context span",
+    "vision_span_attention": "mean attention mass on the context span from the generating queries",
 }
 
 

@@ -21,17 +21,19 @@ from transformers import (
 SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>", "<unk>"]
 
 
-@functools.lru_cache(maxsize=1)
-def byte_tokenizer_dir() -> str:
-    """A folder holding the byte tokenizer (TransformerLens reloads tokenizers from their folder)."""
-    folder = tempfile.mkdtemp(prefix="headlab-byte-tokenizer-")
-    _byte_tokenizer().save_pretrained(folder)
+@functools.lru_cache(maxsize=None)
+def tokenizer_dir(kind: str) -> str:
+    """A folder holding the "byte" or "shapes" tokenizer (TransformerLens reloads tokenizers from their folder)."""
+    from headlab.shapes import word_tokenizer
+
+    folder = tempfile.mkdtemp(prefix=f"headlab-{kind}-tokenizer-")
+    {"byte": _byte_tokenizer, "shapes": word_tokenizer}[kind]().save_pretrained(folder)
     return folder
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A tokenizer with one token per byte (ids 4..259) after four special tokens (ids 0..3)."""
-    return AutoTokenizer.from_pretrained(byte_tokenizer_dir())
+    return AutoTokenizer.from_pretrained(tokenizer_dir("byte"))
 
 
 def _byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -77,17 +79,27 @@ def _bert(vocab: int) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-TINY_BUILDERS = {"tiny-llama": _llama, "tiny-gemma3": _gemma3, "tiny-bert": _bert}
+def _llava(vocab: int):
+    from transformers import LlavaForConditionalGeneration
+
+    from headlab.shapes import llava_config
+
+    config = llava_config(vocab, text_layers=2, text_heads=4, text_width=64, vision_layers=1, vision_width=32)
+    return LlavaForConditionalGeneration(config)
+
+
+TINY_BUILDERS = {"tiny-llama": _llama, "tiny-gemma3": _gemma3, "tiny-bert": _bert, "tiny-llava": _llava}
 TINY_DESCRIPTIONS = {
     "tiny-llama": "random 2-layer Llama (4 query heads, 2 KV heads), byte tokenizer; for tests",
     "tiny-gemma3": "random 3-layer Gemma3 (sliding window 8 on layers 0-1), byte tokenizer; for tests",
     "tiny-bert": "random 2-layer BERT encoder (bidirectional), byte tokenizer; for tests",
+    "tiny-llava": "random LLaVA (1-layer CLIP vision tower, projector, 2-layer Llama), shapes-world words; for tests",
 }
 
 
 def tiny_model(name: str, seed: int = 0):
     """(hf_model, tokenizer) for a `tiny-*` name; the same seed gives the same weights."""
-    tokenizer = byte_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("shapes" if name == "tiny-llava" else "byte"))
     torch.manual_seed(seed)
     model = TINY_BUILDERS[name](len(tokenizer))
     return model.eval(), tokenizer

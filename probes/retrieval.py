@@ -145,11 +145,13 @@ def niah_task(*, needles: int | list[Needle] | str | Path | None = None, lengths
 
 @dataclass
 class NiahPrompt:
-    """Token ids of one test's prompt and where the answer sits in them: ids[answer[0]:answer[1]]."""
+    """Token ids of one test's prompt and where the answer sits in them: ids[answer[0]:answer[1]];
+    `document` is the haystack with the needle in it (between the template's intro and the question)."""
 
     ids: Int[torch.Tensor, "pos"]
     answer: tuple[int, int]
     needle: tuple[int, int]
+    document: tuple[int, int]
 
 
 def _template(model, task: NiahTask) -> tuple[str, str]:
@@ -210,7 +212,7 @@ def build_prompt(model, task: NiahTask, test: NiahTest) -> NiahPrompt:
     needle = (needle_start, needle_start + sum(map(len, needle_parts)))
     if not answer[1] > answer[0] or ids[answer[0]:answer[1]] != needle_parts[1]:
         raise InputError(f"could not locate the answer of needle {test.needle.id!r} in its prompt")
-    return NiahPrompt(torch.tensor(ids, dtype=torch.long), answer, needle)
+    return NiahPrompt(torch.tensor(ids, dtype=torch.long), answer, needle, (len(head), len(ids) - len(tail)))
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------

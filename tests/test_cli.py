@@ -90,3 +90,13 @@ def test_scan_patching_on_smollm2(tmp_path):
     assert heads["patching"].notna().all() and heads["patching"].abs().max() > 0.05
     meta = json.loads((out / "probes" / "patching.json").read_text())
     assert meta["task"].startswith("ioi") and meta["clean_metric"] == pytest.approx(-meta["corrupted_metric"], abs=1e-4)
+
+
+def test_scan_vision_on_the_shapes_testbed(tmp_path):
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", "shapes-llava", "--probes", "vision", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    heads = pd.read_csv(out / "heads.csv")
+    assert len(heads) == 16 and {"vision", "vision_text_norm", "vision_span_attention"} <= set(heads.columns)
+    assert heads["vision"].gt(0).all() and heads["vision_span_attention"].between(0, 1).all()
+
