@@ -246,6 +246,12 @@ def copy_hits(
     return in_span & (context[top_keys] == generated)
 
 
+def step_top_keys(top1: list[Int[torch.Tensor, "1 head 1"]], shifts: list[int]) -> Int[torch.Tensor, "layer head"]:
+    """The most-attended key of every head at a decode step, from each layer's kernel top-1 (found while it
+    computed attention); a layer that saw only its window of keys is shifted back to prompt positions."""
+    return torch.stack([keys[0, :, 0] + shift for keys, shift in zip(top1, shifts)])
+
+
 def stop_token_ids(model) -> set[int]:
     """EOS ids of the tokenizer and the generation config (end-of-turn tokens of chat models)."""
     ids = {model.tokenizer.eos_token_id}
@@ -293,8 +299,8 @@ def answer_needle(model, prompt: NiahPrompt, *, max_new_tokens: int = MAX_NEW_TO
             logits = model.hf(input_ids=token[None], past_key_values=cache, use_cache=True).logits
             token = logits[0, -1:].argmax(dim=-1)
             n_keys = n_prompt + step  # keys of this step: the prompt and the tokens fed so far
-            top_keys = torch.stack([recorder.stats[layer].top1[0, :, 0] + (n_keys - recorder.n_keys[layer])
-                                    for layer in range(model.n_layers)])
+            top_keys = step_top_keys([recorder.stats[layer].top1 for layer in range(model.n_layers)],
+                                     [n_keys - recorder.n_keys[layer] for layer in range(model.n_layers)])
             copies += copy_hits(top_keys, int(token), context, prompt.answer).float().cpu()
             context[n_prompt + step] = token
             generated.append(int(token))

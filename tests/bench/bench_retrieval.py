@@ -75,8 +75,9 @@ def vectorized_step_scores(attentions, token: int, context: torch.Tensor, answer
 
 def kernel_step_scores(top1: list[torch.Tensor], token: int, context: torch.Tensor, answer) -> torch.Tensor:
     """The scoring of a step as `retrieval.answer_needle` runs it: the kernel hands each layer's top-1 keys
-    [head] (found while it computed attention), then every head of every layer is scored in one op."""
-    return retrieval.copy_hits(torch.stack(top1), token, context, answer).float() / (answer[1] - answer[0])
+    [1, head, 1] (found while it computed attention), then every head of every layer is scored in one op."""
+    top_keys = retrieval.step_top_keys(top1, [0] * len(top1))
+    return retrieval.copy_hits(top_keys, token, context, answer).float() / (answer[1] - answer[0])
 
 
 def main() -> None:
@@ -106,7 +107,7 @@ def main() -> None:
         for _ in range(args.repeats):
             fast = sum(vectorized_step_scores(a, tok, context, prompt.answer) for a, tok in steps)
         fast_scoring = (time.perf_counter() - t) / args.repeats
-        top1 = [[a.flatten(0, 2).argmax(dim=-1) for a in attentions] for attentions, _ in steps]
+        top1 = [[a.argmax(dim=-1) for a in attentions] for attentions, _ in steps]  # [1, head, 1] per layer
         t = time.perf_counter()
         for _ in range(args.repeats):
             as_run = sum(kernel_step_scores(keys, tok, context, prompt.answer) for keys, (_, tok) in zip(top1, steps))
