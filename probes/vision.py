@@ -57,6 +57,21 @@ class GenerationVHD:
     vhd: Float[torch.Tensor, "token layer head"]
     text_norm: Float[torch.Tensor, "token layer head"]
 
+    def continued(self) -> SpanPrompt:
+        """The prompt with the generated tokens appended (same span and pixel values)."""
+        return with_tokens(self.prompt, self.new_tokens)
+
+    def queries(self) -> range:
+        """Positions of the queries that produced the generated tokens, in `continued().ids`."""
+        n = len(self.prompt.ids)
+        return range(n - 1, n - 1 + len(self.new_tokens))
+
+
+def with_tokens(prompt: SpanPrompt, tokens: Sequence[int]) -> SpanPrompt:
+    """The prompt with `tokens` appended after it."""
+    extra = torch.tensor(list(tokens), dtype=torch.long, device=prompt.ids.device)
+    return SpanPrompt(torch.cat([prompt.ids, extra]), prompt.span, prompt.pixel_values)
+
 
 # ---- spans ------------------------------------------------------------------------------------------------
 
@@ -148,6 +163,8 @@ def vhd(model, prompt: SpanPrompt, queries: Sequence[int] | None = None
 @torch.no_grad()
 def generate(model, prompt: SpanPrompt, *, max_new_tokens: int = 16, stop: Sequence[int] = ()) -> list[int]:
     """Greedy continuation of the prompt (with its pixel values), ending after a token in `stop` or EOS."""
+    if not model.is_causal:
+        raise InputError(f"{model.name} is bidirectional and does not generate; call vhd() with explicit queries")
     prompt = check_prompt(model, prompt)
     stop_ids = [t for t in [model.tokenizer.eos_token_id, *stop] if t is not None]
     out = model.hf.generate(input_ids=prompt.ids[None], max_new_tokens=max_new_tokens, do_sample=False,
@@ -166,11 +183,9 @@ def generation_vhd(model, prompt: SpanPrompt, new_tokens: Sequence[int] | None =
     new_tokens = [int(t) for t in new_tokens]
     if not new_tokens:
         raise InputError("no generated token to score; the model stopped at once or new_tokens is empty")
-    full = SpanPrompt(torch.cat([prompt.ids, torch.tensor(new_tokens, dtype=torch.long, device=prompt.ids.device)]), prompt.span,
-                      prompt.pixel_values)
-    n = len(prompt.ids)
-    divergence, text_norm = vhd(model, full, queries=range(n - 1, n - 1 + len(new_tokens)))
-    return GenerationVHD(prompt, new_tokens, divergence, text_norm)
+    result = GenerationVHD(prompt, new_tokens, torch.empty(0), torch.empty(0))
+    result.vhd, result.text_norm = vhd(model, result.continued(), queries=result.queries())
+    return result
 
 
 def t_vhd(divergence: Float[torch.Tensor, "token layer head"], k: int = 1) -> Float[torch.Tensor, "token"]:
@@ -214,10 +229,7 @@ def scan(model, prompts: Sequence[SpanPrompt], *, max_new_tokens: int = 16, stop
         total += result.vhd.double().sum(dim=0).cpu()
         norm += result.text_norm.double().sum(dim=0).cpu()
         if attention:
-            n = len(result.prompt.ids)
-            full = SpanPrompt(torch.cat([result.prompt.ids, torch.tensor(result.new_tokens, dtype=torch.long, device=model.device)]),
-                              result.prompt.span, result.prompt.pixel_values)
-            mass += span_attention(model, full, range(n - 1, n - 1 + len(result.new_tokens))).double().sum(dim=0)
+            mass += span_attention(model, result.continued(), result.queries()).double().sum(dim=0)
         count += len(result.new_tokens)
     columns = {"text_norm": norm / count, "tokens": torch.full_like(total, count)}
     if attention:

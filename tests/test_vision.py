@@ -14,6 +14,7 @@ import headlab
 from headlab import shapes
 from headlab.errors import InputError
 from headlab.probes import vision as V
+from planted import INDUCTION_HEAD, PREVIOUS_TOKEN_HEAD, induction_model
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,7 @@ def test_vhd_equals_hook_z_of_two_runs(kind, tiny_llava, tiny_llama):
     model = tiny_llava if kind == "image" else tiny_llama
     prompt = image_prompt(model) if kind == "image" else text_prompt(model)
     result = V.generation_vhd(model, prompt, max_new_tokens=5)
-    n = len(prompt.ids)
-    queries = list(range(n - 1, n - 1 + len(result.new_tokens)))
-    full = V.SpanPrompt(torch.cat([prompt.ids, torch.tensor(result.new_tokens)]), prompt.span, prompt.pixel_values)
-    expected = vhd_from_hook_z(model, full, queries)
+    expected = vhd_from_hook_z(model, result.continued(), list(result.queries()))
     assert result.vhd.shape == (len(result.new_tokens), model.n_layers, model.n_heads)
     assert expected.abs().max() > 1e-3  # the span matters: the comparison is not between zeros
     torch.testing.assert_close(result.vhd, expected, atol=1e-5, rtol=0)
@@ -62,8 +60,8 @@ def test_teacher_forced_vhd_equals_step_by_step(tiny_llava):
     prompt = image_prompt(tiny_llava, seed=1)
     result = V.generation_vhd(tiny_llava, prompt, new_tokens=[7, 10, 14, 8])
     for step in range(4):
-        ids = torch.cat([prompt.ids, torch.tensor(result.new_tokens[:step], dtype=torch.long)])
-        alone, _ = V.vhd(tiny_llava, V.SpanPrompt(ids, prompt.span, prompt.pixel_values), queries=[len(ids) - 1])
+        prefix = V.with_tokens(prompt, result.new_tokens[:step])
+        alone, _ = V.vhd(tiny_llava, prefix, queries=[len(prefix.ids) - 1])
         torch.testing.assert_close(result.vhd[step], alone[0], atol=1e-6, rtol=0)
 
 
@@ -72,6 +70,21 @@ def test_queries_before_the_span_have_zero_vhd(tiny_llama):
     divergence, text_norm = V.vhd(tiny_llama, prompt, queries=[0, 3, 7, 14, 20])
     assert divergence[:3].abs().max() == 0  # causal: nothing before the span can see it
     assert divergence[3:].min() > 0 and text_norm.min() > 0
+
+
+def test_planted_induction_head_depends_most_on_the_first_copy():
+    model = induction_model()
+    rng = np.random.default_rng(0)
+    first = [int(t) for t in rng.choice(np.arange(40, 120), size=20, replace=False)]
+    ids = torch.tensor([model.bos_token_id] + first + first)
+    queries = list(range(23, 41))  # the second copy, after its first two tokens
+    divergence, _ = V.vhd(model, V.SpanPrompt(ids, (1, 21)), queries=queries)  # span: the first copy
+    mean = divergence.mean(dim=0)  # [layer, head]
+    assert divergence[:, INDUCTION_HEAD[0], INDUCTION_HEAD[1]].min() > 10 * mean[PREVIOUS_TOKEN_HEAD].item()
+    assert divmod(int(mean.argmax()), model.n_heads) == INDUCTION_HEAD
+    zero_weight = [(layer, head) for layer in range(2) for head in range(4)
+                   if (layer, head) not in (INDUCTION_HEAD, PREVIOUS_TOKEN_HEAD)]
+    assert all(mean[head].item() == 0 for head in zero_weight)
 
 
 def test_t_vhd_sums_each_layers_top_k():
@@ -127,7 +140,7 @@ def test_scan_rows_and_attention_mass(tiny_llava):
     np.testing.assert_allclose(frame["score"].to_numpy(), mean.flatten().double().numpy(), atol=1e-6)
 
 
-def test_bad_input_is_one_clear_error(tiny_llava, tiny_llama):
+def test_bad_input_is_one_clear_error(tiny_llava, tiny_llama, tiny_bert):
     prompt = image_prompt(tiny_llava)
     n = len(prompt.ids)
     cases = [
@@ -143,6 +156,7 @@ def test_bad_input_is_one_clear_error(tiny_llava, tiny_llama):
         lambda: V.reinforce(tiny_llava, "auto").__enter__(),
         lambda: V.t_vhd(torch.ones(2, 2, 4), k=5),
         lambda: V.scan(tiny_llava, []),
+        lambda: V.generate(tiny_bert, V.SpanPrompt(tiny_bert.to_tokens("a short note here")[0], (1, 3))),
     ]
     for case in cases:
         with pytest.raises(InputError) as error:
@@ -211,21 +225,19 @@ def test_shapes_llava_loads_and_describes_what_it_sees(shapes_llava):
 def test_shapes_llava_vhd_parity(shapes_llava):
     prompt = image_prompt(shapes_llava, seed=5)
     result = V.generation_vhd(shapes_llava, prompt, max_new_tokens=8)
-    n = len(prompt.ids)
-    full = V.SpanPrompt(torch.cat([prompt.ids, torch.tensor(result.new_tokens)]), prompt.span, prompt.pixel_values)
-    expected = vhd_from_hook_z(shapes_llava, full, list(range(n - 1, n - 1 + len(result.new_tokens))))
+    expected = vhd_from_hook_z(shapes_llava, result.continued(), list(result.queries()))
     torch.testing.assert_close(result.vhd, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.real
-def test_document_span_vhd_parity_on_smollm2(smollm2):
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_document_span_vhd_parity_on_real_models(name, request):
+    model = request.getfixturevalue(name)
     text = ("Here is a note. The vault code of the Lumen station is 8831. Nothing else matters here. "
             "Question: what is the vault code of the Lumen station? Answer: The vault code is")
-    ids = smollm2.to_tokens(text)[0]
+    ids = model.to_tokens(text)[0]
     prompt = V.SpanPrompt(ids, (1, 24))
-    result = V.generation_vhd(smollm2, prompt, max_new_tokens=4)
-    n = len(ids)
-    full = V.SpanPrompt(torch.cat([ids, torch.tensor(result.new_tokens)]), prompt.span)
-    expected = vhd_from_hook_z(smollm2, full, list(range(n - 1, n - 1 + len(result.new_tokens))))
+    result = V.generation_vhd(model, prompt, max_new_tokens=4)
+    expected = vhd_from_hook_z(model, result.continued(), list(result.queries()))
     # SDPA (.hf) and the bridge's eager attention round differently; VHDs here reach ~5, so relative 1e-5
     torch.testing.assert_close(result.vhd, expected, atol=1e-5, rtol=1e-5)

@@ -114,10 +114,8 @@ def token_level_agreement(model, prompts, captions, limit: int = 50) -> dict:
     for prompt, caption in zip(prompts[:limit], captions[:limit]):
         tokens = model.tokenizer(" " + caption, add_special_tokens=False).input_ids
         result = V.generation_vhd(model, prompt, new_tokens=tokens)
-        n = len(prompt.ids)
-        full = V.SpanPrompt(torch.cat([prompt.ids, torch.tensor(tokens)]), prompt.span, prompt.pixel_values)
         divergences.append(result.vhd.flatten())
-        masses.append(V.span_attention(model, full, range(n - 1, n - 1 + len(tokens))).flatten())
+        masses.append(V.span_attention(model, result.continued(), result.queries()).flatten())
     return agreement(torch.cat(divergences), torch.cat(masses))
 
 
