@@ -1,7 +1,7 @@
 """Train the shapes-world LLaVA (`load_model("shapes-llava")`): a CLIP-style vision tower, a projector and a
 4-layer Llama, from scratch on synthetic images of coloured shapes (headlab.shapes) with co-occurrence bias.
 
-    python datasets/train_shapes_llava.py            # writes datasets/shapes-llava/ (~13 min on 2 CPU cores)
+    python datasets/train_shapes_llava.py            # writes datasets/shapes-llava/ (~9 min on 2 CPU cores)
 
 Retraining with the same seed, torch version and thread count reproduces the weights. A fifth of the steps
 train on captions without the image (the language model's own prior, as LLaVA's LLM has one from pretraining).
@@ -26,8 +26,7 @@ HERE = Path(__file__).resolve().parent
 def batch(tokenizer, rng: np.random.Generator, size: int, with_image: bool, bias: float):
     """(input_ids, labels, pixel_values or None) for `size` random scenes; loss on the caption and EOS only."""
     scenes = [shapes.sample_scene(rng, bias) for _ in range(size)]
-    prompt = shapes.prompt_text() if with_image else shapes.PROMPT
-    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+    prompt_ids = shapes.prompt_ids(tokenizer, with_image)
     rows, labels = [], []
     for scene in scenes:
         caption = tokenizer(" " + scene.caption(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]

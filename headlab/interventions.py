@@ -57,7 +57,7 @@ def _continues_cache(kwargs: dict) -> bool:
 
 
 @contextmanager
-def _rewrite_z(model, rewrite: Callable[[int, torch.Tensor, dict], torch.Tensor], layers: set[int],
+def rewrite_z(model, rewrite: Callable[[int, torch.Tensor, dict], torch.Tensor], layers: set[int],
                need_v: bool = False) -> Iterator[None]:
     """Register hooks that replace z [batch, pos, head, d] of `layers` by rewrite(layer, z, state).
 
@@ -106,7 +106,7 @@ def mean_z(model, tokens, layers) -> dict[int, Float[torch.Tensor, "head d"]]:
         sums[layer] = z.mean(dim=(0, 1))
         return z
 
-    with _rewrite_z(model, record, set(layers)):
+    with rewrite_z(model, record, set(layers)):
         model.hf(input_ids=model._as_tokens(tokens))
     return sums
 
@@ -139,7 +139,7 @@ def ablate_heads(model, heads, mode: str = "uniform", reference=None) -> Iterato
             z[:, :, index] = uniform[:, -z.shape[1]:, index].to(z.dtype)
         return z
 
-    with _rewrite_z(model, ablate, set(by_layer), need_v=(mode == "uniform")):
+    with rewrite_z(model, ablate, set(by_layer), need_v=(mode == "uniform")):
         yield
 
 
@@ -156,5 +156,5 @@ def scale_heads(model, factors: dict) -> Iterator[None]:
             z[:, :, head] = z[:, :, head] * checked[(layer, head)]
         return z
 
-    with _rewrite_z(model, scale, set(by_layer)):
+    with rewrite_z(model, scale, set(by_layer)):
         yield

@@ -15,7 +15,8 @@ import torch
 from jaxtyping import Int
 
 from headlab.errors import HeadIndexError, InputError, UnknownModelError
-from headlab.registry import PACKAGED_MODELS, REAL_MODELS, packaged_model_dir, ModelSpec, cached_dir, find_cached, verify_cached, write_cache_entry
+from headlab.registry import (PACKAGED_MODELS, REAL_MODELS, ModelSpec, cached_dir, find_cached, packaged_model_dir,
+                              verify_cached, write_cache_entry)
 from headlab.tiny import TINY_BUILDERS, TINY_DESCRIPTIONS, tiny_model
 
 Head = tuple[int, int]

@@ -10,9 +10,7 @@ square), so a model that leans on its language prior names the partner object wh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,21 +166,10 @@ def llava_config(vocab_size: int, *, text_layers: int = 4, text_heads: int = 4, 
                        projector_hidden_act="gelu", architectures=["LlavaForConditionalGeneration"])
 
 
-def scenes_from_json(path: str | Path) -> list[Scene]:
-    """Scenes written by `scenes_to_json`."""
-    return [Scene(tuple(map(tuple, s["objects"])), tuple(s["cells"])) for s in json.loads(Path(path).read_text())]
-
-
-def scenes_to_json(scenes: list[Scene]) -> str:
-    return json.dumps([{"objects": [list(o) for o in s.objects], "cells": list(s.cells)} for s in scenes])
-
-
-def encode(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Token ids [batch, pos] of equal-length texts, BOS in front."""
-    rows = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    if len({len(r) for r in rows}) != 1:
-        raise InputError("the texts tokenize to different lengths; encode them one length at a time")
-    return torch.tensor(rows)
+def prompt_ids(tokenizer, with_image: bool = True) -> list[int]:
+    """BOS, the image tokens (unless `with_image` is False: the text-only prompt), then ``describe :``."""
+    text = prompt_text() if with_image else PROMPT
+    return [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
 
 
 @torch.no_grad()
@@ -193,7 +180,7 @@ def describe(hf, tokenizer, images: Float[np.ndarray, "batch 3 32 32"], *, max_n
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = pixel_values(images[start:start + batch_size])
-        ids = encode(tokenizer, [prompt_text()] * len(chunk))
+        ids = torch.tensor([prompt_ids(tokenizer)] * len(chunk))
         out = hf.generate(input_ids=ids, pixel_values=chunk, max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         captions += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]

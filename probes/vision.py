@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 
 from headlab.errors import InputError
-from headlab.interventions import _rewrite_z, scale_heads
+from headlab.interventions import rewrite_z, scale_heads
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, versions
 
@@ -138,7 +138,7 @@ def head_outputs(model, ids: Int[torch.Tensor, "pos"], queries: Sequence[int], p
         out[layer] = z[0, rows]
         return z
 
-    with _rewrite_z(model, record, set(range(model.n_layers))):
+    with rewrite_z(model, record, set(range(model.n_layers))):
         model.hf(input_ids=ids[None].to(model.device), **model.check_pixel_values(pixel_values))
     return torch.stack([out[layer] for layer in range(model.n_layers)], dim=1)
 

@@ -58,14 +58,12 @@ def caption_all(model, prompts, context=lambda prompt: nullcontext()) -> tuple[l
     return captions, chosen
 
 
-def object_word_t_vhd(model, prompts, scenes, captions) -> dict:
+def object_word_t_vhd(model, generations: list[V.GenerationVHD], scenes) -> dict:
     """T-VHD at the query that produced each object's colour word (where the object is chosen), by whether the
     object is in the scene."""
     values = {k: {"hallucinated": [], "correct": []} for k in T_VHD_K}
-    for prompt, scene, caption in zip(prompts, scenes, captions):
-        tokens = model.tokenizer(" " + caption, add_special_tokens=False).input_ids
-        result = V.generation_vhd(model, prompt, new_tokens=tokens)
-        words = model.tokenizer.convert_ids_to_tokens(tokens)
+    for result, scene in zip(generations, scenes):
+        words = model.tokenizer.convert_ids_to_tokens(result.new_tokens)
         for i, (colour, shape) in enumerate(zip(words, words[1:])):
             if colour in shapes.COLOURS and shape in shapes.SHAPES:
                 label = "correct" if (colour, shape) in scene.objects else "hallucinated"
@@ -108,12 +106,10 @@ def hallucination_kinds(captions: list[str], scenes) -> dict:
     return kinds
 
 
-def token_level_agreement(model, prompts, captions, limit: int = 50) -> dict:
-    """VHD vs attention mass on the image over every (generated token, head) pair of the first `limit` prompts."""
+def token_level_agreement(model, generations: list[V.GenerationVHD]) -> dict:
+    """VHD vs attention mass on the image over every (generated token, head) pair of the generations."""
     divergences, masses = [], []
-    for prompt, caption in zip(prompts[:limit], captions[:limit]):
-        tokens = model.tokenizer(" " + caption, add_special_tokens=False).input_ids
-        result = V.generation_vhd(model, prompt, new_tokens=tokens)
+    for result in generations:
         divergences.append(result.vhd.flatten())
         masses.append(V.span_attention(model, result.continued(), result.queries()).flatten())
     return agreement(torch.cat(divergences), torch.cat(masses))
@@ -134,7 +130,10 @@ def shapes_study(n: int, seed: int) -> dict:
         result = {"baseline": shapes.chair(captions, scenes)}
         result["baseline"]["exact"] = float(np.mean([c.strip() == s.caption() for c, s in zip(captions, scenes)]))
         result["examples"] = [[s.caption(), c] for s, c in list(zip(scenes, captions))[:8]]
-        result["t_vhd"] = object_word_t_vhd(model, prompts, scenes, captions)
+        generations = [V.generation_vhd(model, prompt, new_tokens=model.tokenizer(" " + caption,
+                                                                                 add_special_tokens=False).input_ids)
+                       for prompt, caption in zip(prompts, captions)]
+        result["t_vhd"] = object_word_t_vhd(model, generations, scenes)
 
         vhr, chosen = caption_all(model, prompts, lambda p: V.reinforce(model, "auto", prompt=p))
         result["vhr"] = shapes.chair(vhr, scenes)
@@ -153,7 +152,7 @@ def shapes_study(n: int, seed: int) -> dict:
         result["paired_vs_baseline"] = {"vhr": paired(base, hallucinates(vhr, scenes)),
                                         "random_heads_control": paired(base, hallucinates(control, scenes))}
         result["hallucination_kinds"] = hallucination_kinds(captions, scenes)
-        result["vhd_vs_image_attention_per_token_head"] = token_level_agreement(model, prompts, captions)
+        result["vhd_vs_image_attention_per_token_head"] = token_level_agreement(model, generations[:50])
         result["vhr_examples"] = [[s.caption(), c, v] for s, c, v in list(zip(scenes, captions, vhr))[:8]]
 
         scores = V.scan(model, prompts, max_new_tokens=16, stop=[model.tokenizer.convert_tokens_to_ids(".")])
