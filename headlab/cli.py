@@ -256,7 +256,7 @@ def make_engine(request: dict, settings: dict):
 
         return RayEngine(request["model"], address=settings["address"], workers=settings["workers"],
                          threads_per_worker=settings["threads_per_worker"], device=settings["device"],
-                         dtype=settings["dtype"])
+                         dtype=settings["dtype"], device_map=parse_device_map(settings["device_map"]))
     from headlab.probe import LocalEngine
 
     if settings["threads"] is not None:

@@ -54,7 +54,7 @@ def import_ray():
 class UnitWorker:
     """A Ray actor (see RayEngine): the model, loaded once; runs units of any probe on it."""
 
-    def __init__(self, model_name: str, device: str, dtype: str | None, threads: int):
+    def __init__(self, model_name: str, device: str, dtype: str | None, threads: int, device_map=None):
         import torch
 
         torch.set_num_threads(threads)
@@ -62,7 +62,7 @@ class UnitWorker:
         try:
             from headlab.loading import load_model
 
-            self.model = load_model(model_name, device=device, dtype=dtype)
+            self.model = load_model(model_name, device=device, dtype=dtype, device_map=device_map)
         except HeadlabError as error:
             self.error = (type(error).__name__, str(error))
 
@@ -85,7 +85,8 @@ class RayEngine:
     CPUs unless `address` names one: "auto" or HOST:PORT)."""
 
     def __init__(self, model_name: str, *, address: str | None = None, workers: int = 2, threads_per_worker: int = 1,
-                 device: str = "cpu", dtype: str | None = None, runtime_env: dict | None = None):
+                 device: str = "cpu", dtype: str | None = None, device_map: str | dict | None = None,
+                 runtime_env: dict | None = None):
         if workers < 1 or threads_per_worker < 1:
             raise InputError(f"--workers and --threads-per-worker must be at least 1, got {workers}, "
                              f"{threads_per_worker}")
@@ -106,7 +107,8 @@ class RayEngine:
         actor = ray.remote(UnitWorker).options(num_cpus=threads_per_worker,
                                                num_gpus=0 if device == "cpu" else 1,
                                                max_restarts=-1, max_task_retries=0, runtime_env=env)
-        self.workers = [actor.remote(model_name, device, dtype, threads_per_worker) for _ in range(workers)]
+        self.workers = [actor.remote(model_name, device, dtype, threads_per_worker, device_map) for _ in range(workers)]
+        self.retried: list[str] = []  # the last run's units that ran again because their worker died
         self._check_workers()
 
     def _check_workers(self) -> None:
@@ -140,6 +142,7 @@ class RayEngine:
         from ray.exceptions import RayActorError, RayTaskError
 
         units = probe.plan(model, params)
+        self.retried = []
         book = Journal(journal, probe.fingerprint(model, params)) if journal is not None else None
         partials = book.resume() if book is not None else {}
         partials = {key: value for key, value in partials.items() if key in {unit.key for unit in units}}
@@ -174,6 +177,7 @@ class RayEngine:
                 partial = self.ray.get(ready[0])
             except RayActorError:  # the worker died in the middle of the unit: it restarts, the unit runs again
                 avoid[unit.key] = worker
+                self.retried.append(unit.key)
                 todo.appendleft(unit)
                 recovering[self.workers[worker].ready.remote()] = worker
                 continue
