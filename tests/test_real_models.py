@@ -41,7 +41,12 @@ def test_smollm2_logits_parity(smollm2):
         bridge = smollm2.bridge(tokens)
     hf = smollm2.logits(tokens)
     assert torch.equal(hf, reference)  # the cached safetensors copy is the dequantized GGUF, the same path
-    assert_within(bridge, reference, depth_bound(smollm2.n_layers, reference.abs().max()))  # eager vs SDPA
+    bound = depth_bound(smollm2.n_layers, reference.abs().max())
+    assert_within(bridge, reference, bound)  # eager vs SDPA
+    with smollm2.scale_heads({"L29H0": 0.9}), torch.no_grad():  # a wrong variant: one head of the last layer off
+        wrong = smollm2.bridge(tokens)
+    with pytest.raises(AssertionError):
+        assert_within(wrong, reference, bound)
 
 
 def test_smollm2_has_an_induction_head(smollm2):
@@ -56,6 +61,8 @@ def test_smollm2_detectors_equal_detect_head(smollm2):
     for kind, name in [("induction", "induction_head"), ("previous_token", "previous_token_head"),
                        ("duplicate_token", "duplicate_token_head")]:
         assert (ours[kind] - detect_head(smollm2.bridge, TEXT, name)).abs().max() < 1e-6
+        wrong = detect_head(smollm2.bridge, TEXT, name, exclude_bos=True)  # a wrong variant: the BOS column left out
+        assert (ours[kind] - wrong).abs().max() > 1e-6
 
 
 def test_smollm2_ablation_agrees_on_both_paths(smollm2):
@@ -103,6 +110,8 @@ def test_gemma3_detectors(gemma3):
     assert len(scores) == 18 * 4
     ours = detectors.detector_scores(gemma3, gemma3.to_tokens(TEXT), progress=False)
     assert (ours["induction"] - detect_head(gemma3.bridge, TEXT, "induction_head")).abs().max() < 1e-6
+    wrong = detect_head(gemma3.bridge, TEXT, "induction_head", exclude_bos=True)  # a wrong variant: no BOS column
+    assert (ours["induction"] - wrong).abs().max() > 1e-6
 
 
 def test_minilm_is_a_bidirectional_encoder():

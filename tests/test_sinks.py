@@ -78,12 +78,14 @@ def test_few_query_keys_are_not_sinks():
     assert sinks.sink_mask(mean, seeing, 0.1, min_queries=1)[0, 0, 9]
 
 
-def _pattern_sinks(model, tokens, alpha, min_queries):
+def _pattern_sinks(model, tokens, alpha, min_queries, causal=True):
+    """Mean attention each key receives from the queries that see it, from the bridge's full patterns; causal=False
+    counts every query as seeing every key (a wrong variant on a causal model)."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     out = []
     for layer in range(model.n_layers):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
-        mean, seeing = sinks.mean_received(pattern.sum(-2), tokens.shape[1], True, model.sliding_window(layer))
+        mean, seeing = sinks.mean_received(pattern.sum(-2), tokens.shape[1], causal, model.sliding_window(layer))
         out.append((mean, sinks.sink_mask(mean, seeing, alpha, min_queries)))
     return torch.stack([m for m, _ in out]), torch.stack([s for _, s in out])
 
@@ -118,6 +120,9 @@ def test_smollm2_sinks_from_column_sums_match_patterns_and_calibration_paths_agr
     found = sinks.sink_stats(smollm2, tokens)
     mean, mask = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES)
     assert_within(found["mean"], mean, depth_bound(smollm2.n_layers, 1.0))  # mean attention: probabilities
+    wrong, _ = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES, causal=False)  # every query counted
+    with pytest.raises(AssertionError):
+        assert_within(found["mean"], wrong, depth_bound(smollm2.n_layers, 1.0))
     clear = ((mean - sinks.ALPHA).abs() > 1e-3)  # away from the threshold the sink sets agree exactly
     assert torch.equal(found["sinks"][clear], mask[clear])
     assert found["sinks"].any()  # SmolLM2 has non-initial sinks
