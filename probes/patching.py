@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 
 from headlab.errors import InputError, NoSignalError, UnsupportedModelError
+from headlab.heads import by_layer
 from headlab.hooks import attach, on_module, run_with_cache
 from headlab.hooks import name as hook_name
 from headlab.probe import Probe, Unit, iter_partials
@@ -554,9 +555,10 @@ def path_patch(model, clean, corrupted, senders, *, component: str = "q", metric
     values = torch.full((model.n_layers, n_heads), float("nan"))
     with split_qkv_input(model):
         base = Resumable(model, corrupted, names)
-        by_layer = {l: [h for ll, h in receivers if ll == l] for l in sorted({l for l, _ in receivers})}
+        receivers_by_layer = dict(sorted(by_layer(receivers).items()))
         chunk = _chunk_size(model, n, clean.shape[1], memory_budget)
-        jobs = [(l, hs[i:i + chunk]) for l, hs in by_layer.items() for i in range(0, len(hs), chunk)]
+        jobs = [(l, hs[i:i + chunk]) for l, hs in receivers_by_layer.items()
+                for i in range(0, len(hs), chunk)]
         deltas = _sender_deltas(model, clean_run.cache, base.cache, senders)
         for layer, heads in progress_bar(jobs, f"path patching ({component})", disable=not progress):
             upstream = [d for l, d in deltas if l < layer]

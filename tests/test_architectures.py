@@ -78,7 +78,7 @@ def test_an_unknown_family_is_refused_at_load(tmp_path):
 
 def test_a_users_hooks_survive_every_probe():
     """A user's TransformerLens hook and torch hook on the points the probes use stay attached and keep firing."""
-    from headlab.probes import detectors, flow, patching, qk_score, sinks, vision
+    from headlab.probes import detectors, flow, patching, qk_score, retrieval, sinks, vision
 
     from headlab.tasks import MCQAItem
 
@@ -92,7 +92,9 @@ def test_a_users_hooks_survive_every_probe():
 
     point = model.bridge.blocks[0].attn.hook_pattern
     z_point = model.bridge.blocks[1].attn.hook_z
-    handles = [point.add_hook(lambda pattern, hook: count("bridge")()), z_point.add_hook(lambda z, hook: None)]
+    scale_point = model.bridge.ln_final.hook_scale  # the point DLA's norm gain forces (it once removed every hook)
+    handles = [point.add_hook(lambda pattern, hook: count("bridge")()), z_point.add_hook(lambda z, hook: None),
+               scale_point.add_hook(lambda scale, hook: None)]
     torch_handle = model.architecture.o(1).register_forward_pre_hook(lambda module, args: count("hf")())
     items = [MCQAItem(f"Question {i}?", ("yes", "no", "maybe"), i % 3) for i in range(4)]
     runs = {
@@ -104,17 +106,38 @@ def test_a_users_hooks_survive_every_probe():
                                                       answer=torch.tensor([5]), wrong=torch.tensor([6]),
                                                       progress=False),
         "vision": lambda: vision.vhd(model, vision.SpanPrompt(model.to_tokens("a long note here: key")[0], (1, 5))),
+        "retrieval": lambda: _answer_one_needle(model, retrieval),
+        "dla": lambda: patching.direct_logit_attribution(model, model.to_tokens("ab cd"), torch.tensor([5]),
+                                                         torch.tensor([6])),
+        "path patching": lambda: patching.path_patch(model, model.to_tokens("ab cd"), model.to_tokens("ab ce"),
+                                                     ["L0H0"], component="q", answer=torch.tensor([5]),
+                                                     wrong=torch.tensor([6]), progress=False),
+        "ablate": lambda: _with_logits(model, model.ablate_heads(["L1H0"], mode="uniform")),
+        "scale": lambda: _with_logits(model, model.scale_heads({"L0H1": 2.0})),
         "calibrate": lambda: _run_calibrated(model, sinks),
     }
     for name, run in runs.items():
         before = dict(calls)
         run()
-        assert point.fwd_hooks == [handles[0]] and z_point.fwd_hooks == [handles[1]], name
+        assert [point.fwd_hooks, z_point.fwd_hooks, scale_point.fwd_hooks] == [[h] for h in handles], name
         with torch.no_grad():
             model.bridge(model.to_tokens("still there?"))
         model.logits(model.to_tokens("still there?"))
         assert calls["bridge"] > before["bridge"] and calls["hf"] > before["hf"], name
     torch_handle.remove()
+
+
+def _answer_one_needle(model, retrieval):
+    needle = retrieval.Needle("k", "K is {answer}.", "K?", "7")  # byte tokens: a short needle in 200 of them
+    task = retrieval.niah_task(needles=[needle], lengths=(200,), depths=(0.5,), intro="", question_template="{question}")
+    return retrieval.answer_needle(model, retrieval.build_prompt(model, task, task.tests()[0]), max_new_tokens=3)
+
+
+def _with_logits(model, intervention):
+    with intervention:
+        model.logits(model.to_tokens("an intervention on both trees"))
+        with torch.no_grad():
+            model.bridge(model.to_tokens("an intervention on both trees"))
 
 
 def _run_calibrated(model, sinks):
