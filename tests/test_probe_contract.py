@@ -191,6 +191,28 @@ def test_set_and_config_reach_the_probe_and_scan_json_reproduces_the_scan(tmp_pa
     assert pd.read_csv(third / "heads.csv")["flow"].equals(first["flow"])
 
 
+def test_set_takes_lists_and_the_users_own_files(tmp_path):
+    needles = tmp_path / "mine.jsonl"
+    needles.write_text(json.dumps({"id": "lamp", "fact": "The lamp code is {answer}.", "question": "What is the lamp "
+                                   "code?", "answer": "912"}) + "\n")
+    items = tmp_path / "my_mcqa.jsonl"
+    items.write_text("".join(json.dumps({"question": f"Which is number {i}?", "options": ["one", "two", "three"],
+                                         "answer": i % 3}) + "\n" for i in range(6)))
+    from headlab.cli import scan_request
+
+    request = scan_request("tiny-llama", "retrieval,qk", settings=["retrieval.lengths=2048,4096",
+                                                                   f"retrieval.needles={needles}", f"qk.items={items}"])
+    assert request["params"]["retrieval"].lengths == (2048, 4096)
+    assert request["params"]["retrieval"].needles == str(needles) and request["params"]["qk"].items == str(items)
+    assert [t.needle.id for t in get_probe("retrieval").task(request["params"]["retrieval"]).tests()] == ["lamp"] * 6
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["scan", "tiny-llama", "--probes", "qk", "--quick", "--out", str(out),
+                                 "--set", f"qk.items={items}", "--set", "qk.permutations=false"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "scan.json").read_text())["params"]["qk"]["items"] == str(items)
+    assert json.loads((out / "probes" / "qk.json").read_text())["n_items"] == 6  # the user's six, not headlab's set
+
+
 @pytest.mark.parametrize("args,says", [
     (["--set", "flow.nope=3"], "flow has no parameter 'nope'; its parameters are texts, outputs"),
     (["--set", "flow.n_texts=many"], "flow.n_texts takes int, not 'many'"),
