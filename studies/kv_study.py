@@ -2,6 +2,9 @@
 
     python studies/kv_study.py smollm2-135m --lengths 4096 8192 --tests 8 --out notebooks/results/kv-smollm2-135m
     python studies/kv_study.py gemma3-270m --lengths 4096 8192 --tests 8 --out notebooks/results/kv-gemma3-270m
+    python studies/kv_study.py smollm2-135m --lengths 4096 8192 --tests 8 --families retrieval,random \
+        --fractions 0.25 0.35 0.5 0.75 --other-windows 4:512 16:256 --other-fractions 0.25 0.5 0.75 \
+        --out notebooks/results/kv-smollm2-135m   # further (sink, window) pairs; journaled rows are kept
 
 Which data chose the heads, which evaluated them:
   - retrieval scores: the committed retrieval scan (notebooks/results/retrieval-<model>-scores.csv), run on
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +87,22 @@ def policies_for(model, length: int, scores: dict, fractions, sink: int, window:
     return out
 
 
+def other_windows(model, scores: dict, fractions, pairs, families: set) -> list:
+    """For each further (sink, window): streaming, the retrieval ranking at every fraction and the random control at
+    the middle fraction, each its own family (one Pareto trace per (sink, window))."""
+    out = []
+    for sink, window in pairs:
+        tag = f"S{sink} W{window}"
+        out.append(kv.streaming(sink, window))
+        if "retrieval" in families:
+            out += [kv.from_scores(model, scores["retrieval"], fraction, sink=sink, window=window,
+                                   family=f"retrieval-max {tag}") for fraction in fractions]
+        if "random" in families:
+            control = kv.random(model, fractions[len(fractions) // 2], seed=0, sink=sink, window=window)
+            out.append(replace(control, name=f"{control.name} {tag}", family=f"random {tag}"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -93,6 +113,10 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--pinned", type=int, default=64)
+    parser.add_argument("--other-windows", nargs="*", default=[], metavar="SINK:WINDOW",
+                        help="further (sink, window) pairs, e.g. 4:512 16:256")
+    parser.add_argument("--other-fractions", type=float, nargs="+", default=None,
+                        help="the fractions for those pairs [--fractions]")
     parser.add_argument("--mode", default="full", choices=["full", "stream"])
     parser.add_argument("--variant", default="single", choices=["single", "multi"])
     parser.add_argument("--families", default="retrieval,far,random,retrieval-mean,razor,sink-aware,budget")
@@ -104,6 +128,8 @@ def main() -> None:
 
     ev.DECODE_THREADS = args.decode_threads
     overrides = {int(k): int(v) for k, v in (item.split(":") for item in args.tests_at)}
+    pairs = [tuple(int(x) for x in item.split(":")) for item in args.other_windows]
+    other_fractions = args.other_fractions or args.fractions
     model = headlab.load_model(args.model)
     start = time.perf_counter()
     scores = {"retrieval": headlab.HeadScores.load(RESULTS / f"retrieval-{args.model}-scores"),
@@ -130,7 +156,7 @@ def main() -> None:
     frames = []
     for length in args.lengths:
         policies = policies_for(model, length, scores, args.fractions, args.sink, args.window, sink_ids,
-                                args.pinned, families)
+                                args.pinned, families) + other_windows(model, scores, other_fractions, pairs, families)
         tests = ev.subsample(ev.heldout_task(lengths=(length,)), overrides.get(length, args.tests))
         journal = args.out.with_name(f"{args.out.name}.{args.variant}-{args.mode}-{length}.tests.jsonl")
         rows = ev.evaluate_tests(model, policies, ev.heldout_task(lengths=(length,)), tests, variant=args.variant,
@@ -146,7 +172,8 @@ def main() -> None:
     policy_info = earlier.get("policies", {})
     policy_info |= {p.name: p.describe(model) for length in args.lengths
                    for p in policies_for(model, length, scores, args.fractions, args.sink, args.window, sink_ids,
-                                         args.pinned, families)}
+                                         args.pinned, families) + other_windows(model, scores, other_fractions, pairs,
+                                                                                families)}
     meta = {
         "model": args.model, "geometry": model.geometry, "variant": args.variant, "mode": args.mode,
         "lengths": sorted(set(rows["length"])),
@@ -154,12 +181,15 @@ def main() -> None:
         "evaluation": {"needles": "datasets/needles_heldout.jsonl", "haystack": "pydoc_data.topics, half 1",
                        "seed": 1, "tests": sorted(set(rows["key"]))},
         "runs": earlier.get("runs", []) + [{"lengths": args.lengths, "families": sorted(families),
-                                            "fractions": args.fractions, "seconds": time.perf_counter() - start}],
+                                            "fractions": args.fractions, "other_windows": args.other_windows,
+                                            "other_fractions": other_fractions,
+                                            "seconds": time.perf_counter() - start}],
         "scoring": {"retrieval": f"notebooks/results/retrieval-{args.model}-scores (needles.jsonl, default haystack)",
                     "far": scores["far"].meta.get("data"), "sinks": f"notebooks/results/sinks-{args.model}-scores",
                     "sink_token_ids": sink_ids,
                     "sink_tokens": [model.tokenizer.decode([i]) for i in sink_ids],
-                    "detectors": "random repeated tokens, seed 0" if "detectors" in scores else None},
+                    "detectors": ("random repeated tokens, seed 0" if "detectors" in scores
+                                  else earlier.get("scoring", {}).get("detectors"))},
         "scoring_seconds": scoring_seconds, "seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(), "decode_threads": args.decode_threads,
         "policies": policy_info, "summary": json.loads(table.to_json(orient="records")),
