@@ -7,7 +7,6 @@ like inside is its `Architecture` (headlab.architectures); hook points are headl
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -229,10 +228,8 @@ def boot_bridge(hf, tokenizer, hf_name: str, hf_architecture: str):
     load_processor = source.load_modality_processor
     source.load_modality_processor = lambda *args, **kwargs: None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the bridge's boot reports (weight processing, compatibility notes)
-            return TransformerBridge.boot_transformers(
-                hf_name, hf_model=tree, tokenizer=tokenizer, device=str(hf.device), dtype=hf.dtype
-            )
+        return TransformerBridge.boot_transformers(
+            hf_name, hf_model=tree, tokenizer=tokenizer, device=str(hf.device), dtype=hf.dtype
+        )
     finally:
         source.load_modality_processor = load_processor
