@@ -30,28 +30,19 @@ class LaunchConfig:
 
 
 _HALF, _FP32 = "half", "fp32"
+_COLUMNS = [(d, precision) for precision in (_HALF, _FP32) for d in HEAD_DIMS]  # as in the README's table
+# (queries, keys per tile, warps, stages) per column: 16-bit at head dims 64, 128, 256, then fp32 at 64, 128, 256.
+# forward: the query tile stays in registers with its accumulators, key and value tiles stream; span mass: the query
+# tile stays, the spans' key tiles stream; column sums: the key tile stays, query tiles stream. fp32 at 256 spills
+# (see compile_check.STACK_BOUND).
+_TABLE = {
+    "forward": [(128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2)],
+    "span_mass": [(64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2)],
+    "column_sum": [(64, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)],
+}
 CONFIGS: dict[tuple[str, int, str], LaunchConfig] = {
-    # forward: the query tile stays in registers with its accumulators; key and value tiles stream
-    ("forward", 64, _HALF): LaunchConfig(128, 64, 8, 3),
-    ("forward", 128, _HALF): LaunchConfig(128, 64, 8, 3),
-    ("forward", 256, _HALF): LaunchConfig(64, 32, 8, 2),
-    ("forward", 64, _FP32): LaunchConfig(32, 32, 4, 2),
-    ("forward", 128, _FP32): LaunchConfig(16, 32, 4, 2),
-    ("forward", 256, _FP32): LaunchConfig(16, 16, 8, 2),  # spills: see compile_check.STACK_BOUND
-    # span mass: the query tile stays, the spans' key tiles stream
-    ("span_mass", 64, _HALF): LaunchConfig(64, 64, 4, 2),
-    ("span_mass", 128, _HALF): LaunchConfig(64, 64, 4, 2),
-    ("span_mass", 256, _HALF): LaunchConfig(64, 64, 8, 2),
-    ("span_mass", 64, _FP32): LaunchConfig(32, 32, 4, 2),
-    ("span_mass", 128, _FP32): LaunchConfig(16, 32, 4, 2),
-    ("span_mass", 256, _FP32): LaunchConfig(16, 32, 8, 2),  # spills: see compile_check.STACK_BOUND
-    # column sums: the key tile stays, query tiles stream
-    ("column_sum", 64, _HALF): LaunchConfig(64, 128, 8, 2),
-    ("column_sum", 128, _HALF): LaunchConfig(64, 128, 8, 2),
-    ("column_sum", 256, _HALF): LaunchConfig(64, 128, 8, 2),
-    ("column_sum", 64, _FP32): LaunchConfig(32, 64, 4, 2),
-    ("column_sum", 128, _FP32): LaunchConfig(16, 32, 4, 2),
-    ("column_sum", 256, _FP32): LaunchConfig(16, 32, 4, 2),
+    (kernel, d, precision): LaunchConfig(*config)
+    for kernel, row in _TABLE.items() for (d, precision), config in zip(_COLUMNS, row, strict=True)
 }
 
 
