@@ -78,14 +78,19 @@ def test_few_query_keys_are_not_sinks():
     assert sinks.sink_mask(mean, seeing, 0.1, min_queries=1)[0, 0, 9]
 
 
-def _pattern_sinks(model, tokens, alpha, min_queries, causal=True):
-    """Mean attention each key receives from the queries that see it, from the bridge's full patterns; causal=False
-    counts every query as seeing every key (a wrong variant on a causal model)."""
+def _pattern_column_sums(model, tokens) -> list[torch.Tensor]:
+    """Per layer, the attention each key receives summed over queries [head, key], from the bridge's full patterns."""
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    return [cache[f"blocks.{layer}.attn.hook_pattern"][0].double().sum(-2) for layer in range(model.n_layers)]
+
+
+def _pattern_sinks(model, tokens, alpha, min_queries, causal=True, colsums=None):
+    """Mean attention each key receives from the queries that see it, and the sink mask; causal=False counts every
+    query as seeing every key (a wrong variant on a causal model)."""
+    colsums = colsums if colsums is not None else _pattern_column_sums(model, tokens)
     out = []
-    for layer in range(model.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
-        mean, seeing = sinks.mean_received(pattern.sum(-2), tokens.shape[1], causal, model.sliding_window(layer))
+    for layer, colsum in enumerate(colsums):
+        mean, seeing = sinks.mean_received(colsum, tokens.shape[1], causal, model.sliding_window(layer))
         out.append((mean, sinks.sink_mask(mean, seeing, alpha, min_queries)))
     return torch.stack([m for m, _ in out]), torch.stack([s for _, s in out])
 
@@ -118,9 +123,10 @@ def test_calibrate_gives_one_answer_on_both_paths_and_restores(name):
 def test_smollm2_sinks_from_column_sums_match_patterns_and_calibration_paths_agree(smollm2):
     tokens = sinks.default_texts(smollm2, n_texts=1, n_tokens=256, seed=3)[0]
     found = sinks.sink_stats(smollm2, tokens)
-    mean, mask = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES)
+    colsums = _pattern_column_sums(smollm2, tokens)
+    mean, mask = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES, colsums=colsums)
     assert_within(found["mean"], mean, depth_bound(smollm2.n_layers, 1.0))  # mean attention: probabilities
-    wrong, _ = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES, causal=False)  # every query counted
+    wrong, _ = _pattern_sinks(smollm2, tokens, sinks.ALPHA, sinks.MIN_QUERIES, causal=False, colsums=colsums)
     with pytest.raises(AssertionError):
         assert_within(found["mean"], wrong, depth_bound(smollm2.n_layers, 1.0))
     clear = ((mean - sinks.ALPHA).abs() > 1e-3)  # away from the threshold the sink sets agree exactly
