@@ -1,13 +1,12 @@
 """The long-context capture path: per-head attention statistics from one Hugging Face forward, no N x N tensor.
 
-A custom attention function, registered with transformers' AttentionInterface (and its mask function with
-AttentionMaskInterface, so sliding-window models get their own masks), computes each recorded layer with
-`headlab.kernels.attention_with_stats` and keeps the statistics; other layers run SDPA.
+A `Recorder` pushed on the attention seam (`headlab.attention`) computes each recorded layer with the kernel
+(`headlab.kernels.solve`) and keeps the statistics; other layers run SDPA. `AttentionEdit`s rewrite a layer's output
+from the same kernel call.
 """
 
 from __future__ import annotations
 
-import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -15,13 +14,9 @@ from typing import Callable, Iterator
 import torch
 from jaxtyping import Int
 
-from headlab.architectures import Architecture
+from headlab.attention import KernelUse, pushed
 from headlab.errors import InputError
-from headlab.kernels import DEFAULT_WANT, AttentionStats, check_problem, solve
-
-ATTENTION_NAME = "headlab_stats"
-_recorder: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("headlab_recorder", default=None)
-_edits: contextvars.ContextVar[dict] = contextvars.ContextVar("headlab_edits", default={})
+from headlab.kernels import DEFAULT_WANT, AttentionStats
 
 
 @dataclass(frozen=True)
@@ -37,95 +32,113 @@ class AttentionEdit:
     want: tuple[str, ...] = ()
 
 
-@dataclass
-class Recorder:
+class _Edits(KernelUse):
+    """The seam's handler for a set of AttentionEdits, one per layer."""
+
+    def __init__(self, edits: dict[int, AttentionEdit]):
+        self.edits = edits
+        self.layers = frozenset(edits)
+        self.want = tuple(sorted({name for edit in edits.values() for name in edit.want}))
+
+    def done(self, call, out, stats, problem):
+        if call.is_part:
+            raise InputError("an attention edit rewrites whole layers; it cannot act under a KV policy that splits "
+                             f"layer {call.layer}")
+        return self.edits[call.layer].apply(call.query, call.key, call.value, out, stats, problem)
+
+
+@dataclass(eq=False)
+class Recorder(KernelUse):
     """What a capture asks for and what the last forward collected, per layer.
 
     `want`, `spans` and `query_rows` may be changed between forwards (e.g. nothing during a prefill, `top1`
     during decoding); `n_keys[layer]` is the number of keys the layer saw in the last forward (with a KV cache
-    the queries are the last positions of those keys).
+    the queries are the last positions of those keys). Under a KV policy that splits a layer into parts (streaming
+    heads over their kept keys), each head's statistics are over the keys it attends to: `top1` is an absolute
+    position, a span's mass counts the kept keys inside it, and `colsum` is not available.
     """
 
-    layers: set[int]
+    layers: frozenset
     spans: dict | list | None
     want: tuple[str, ...]
     query_rows: object
     backend: str
     stats: dict[int, AttentionStats] = field(default_factory=dict)
     n_keys: dict[int, int] = field(default_factory=dict)
+    _roots: dict = field(default_factory=dict, repr=False)  # per layer: the call whose parts are being assembled
+    shadows = True  # a recording nested in this one takes over the layers it records
 
+    def done(self, call, out, stats, problem):
+        if call.is_part:
+            self._done_part(call, stats)
+        else:
+            self.stats[call.layer] = stats
+            self.n_keys[call.layer] = call.key.shape[2]
+        return out
 
-def _stats_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                     softcap=None, **kwargs):
-    """transformers attention function: [b, h, n, d] q, [b, kv, n, d] k/v -> ([b, n, h, d], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    def _done_part(self, call, stats) -> None:
+        """Place a part's statistics [b, h', ...] at its heads of the layer's [b, H, ...]."""
+        root = call.root
+        if self._roots.get(call.layer) is not root:  # the first part of this call
+            self._roots[call.layer] = root
+            self.stats[call.layer] = AttentionStats(query_rows=stats.query_rows, span_names=self._span_names())
+            self.n_keys[call.layer] = int(call.key_pos[-1]) + 1 if call.key_pos is not None else call.key.shape[2]
+        if stats.colsum is not None:
+            raise InputError("colsum is not recorded under a KV policy that splits a layer (heads see other keys)")
+        held, heads = self.stats[call.layer], list(call.heads)
+        n_heads = root.query.shape[1]
+        for name in ("lse", "top1", "top1_prob", "entropy", "span_mass"):
+            value = getattr(stats, name)
+            if value is None and name != "span_mass":
+                continue
+            if name == "top1" and call.key_pos is not None:
+                value = call.key_pos[value]
+            if name == "span_mass":
+                value = self._part_span_mass(call, stats)
+                if value is None:
+                    continue
+            whole = getattr(held, name)
+            if whole is None:
+                whole = value.new_zeros((value.shape[0], n_heads, *value.shape[2:]))
+                setattr(held, name, whole)
+            whole[:, heads] = value
 
-    recorder = _recorder.get()
-    layer = Architecture.layer_index(module)
-    record = recorder is not None and layer in recorder.layers
-    edit = _edits.get().get(layer)
-    if not record and edit is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      softcap=softcap, **kwargs)
-    want = set(recorder.want if record else ()) | set(edit.want if edit else ())
-    problem = check_problem(query, key, value, causal=getattr(module, "is_causal", True), window=sliding_window,
-                            scale=scaling, softcap=softcap, spans=recorder.spans if record else None,
-                            want=tuple(want), query_rows=recorder.query_rows if record else None)
-    out, stats = solve(query, key, value, problem, backend=recorder.backend if record else "auto")
-    if edit is not None:
-        out = edit.apply(query, key, value, out, stats, problem)
-    if record:
-        recorder.stats[layer] = stats
-        recorder.n_keys[layer] = key.shape[2]
-    return out.transpose(1, 2).contiguous(), None
+    def _span_names(self) -> list[str]:
+        if self.spans is None:
+            return []
+        return [str(name) for name in (self.spans if isinstance(self.spans, dict) else range(len(self.spans)))]
 
-
-def register_attention() -> str:
-    """Register headlab's attention function and its mask function with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _stats_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
-
-
-@contextmanager
-def _attention_implementation(hf, name: str):
-    previous = hf.config._attn_implementation
-    hf.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        hf.set_attn_implementation(previous)
+    def _part_span_mass(self, call, stats):
+        """[b, h', nq, spans] with zero mass on the spans none of the part's keys fall in."""
+        names = self._span_names()
+        if not names or "span_mass" not in self.want:
+            return None
+        b, g, n = call.query.shape[:3]
+        mass = call.query.new_zeros((b, g, n, len(names)), dtype=torch.float32)
+        for i, name in enumerate(stats.span_names):
+            mass[..., names.index(name)] = stats.span_mass[..., i]
+        return mass
 
 
 @contextmanager
 def recording(model, *, layers=None, spans=None, want=DEFAULT_WANT, query_rows=None, backend: str = "auto"
               ) -> Iterator[Recorder]:
     """Inside the block every `model.hf` forward computes `layers` (default all) with the kernel and leaves
-    their statistics in the yielded Recorder; works with a KV cache (decoding: queries are the last keys)."""
-    layers = set(range(model.n_layers)) if layers is None else set(model.check_layers(layers))
-    recorder = Recorder(layers=layers, spans=spans, want=tuple([want] if isinstance(want, str) else want),
+    their statistics in the yielded Recorder; works with a KV cache (decoding: queries are the last keys) and under
+    a KV policy (`headlab.kv.applying`)."""
+    layers = range(model.n_layers) if layers is None else model.check_layers(layers)
+    recorder = Recorder(layers=frozenset(layers), spans=spans, want=tuple([want] if isinstance(want, str) else want),
                         query_rows=query_rows, backend=backend)
-    token = _recorder.set(recorder)
-    try:
-        with _attention_implementation(model.hf, register_attention()):
-            yield recorder
-    finally:
-        _recorder.reset(token)
+    with pushed(model, recorder):
+        yield recorder
 
 
 @contextmanager
 def editing(model, edits: dict[int, AttentionEdit]) -> Iterator[None]:
     """Inside the block, `model.hf` computes the layers in `edits` with the kernel and rewrites their output."""
     model.check_layers(edits)
-    token = _edits.set({**_edits.get(), **edits})
-    try:
-        with _attention_implementation(model.hf, register_attention()):
-            yield
-    finally:
-        _edits.reset(token)
+    with pushed(model, _Edits(dict(edits))):
+        yield
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import headlab
 from headlab import kv
+from headlab.attention import Splitter
 from headlab.errors import InputError
 from headlab.kv import evaluate as ev
 from headlab.kv import far, interchange
@@ -410,3 +411,78 @@ def test_real_model_full_policy_is_exact_and_streaming_saves_memory(name):
     cache = kv.prefill(model, ids[0], kv.streaming(4, 64))
     kv.step(model, cache, int(ids[0, -1]))
     assert cache.kv_bytes() == kv.streaming(4, 64).kept_tokens(model, ids.shape[1], 1).sum() * _entry_bytes(model)
+
+
+# ---- recording statistics under a policy (the attention seam composes) -----------------------------------------
+
+def _kept_positions(policy, model, layer: int, kv_head: int, query: int) -> torch.Tensor:
+    """The positions a head keeps when the query at `query` attends (a decoding step after a streamed prefill)."""
+    j = torch.arange(query + 1)
+    if policy.full_matrix(model)[layer][kv_head]:
+        return j
+    return j[(j < policy.sink) | (query - j < policy.window)]
+
+
+class _SavingInputs(Splitter):
+    """Keeps each layer's q, k, v of one forward (and runs it unchanged)."""
+
+    def __init__(self):
+        self.inputs = {}
+
+    def split(self, call, attend):
+        self.inputs[call.layer] = (call.query, call.key, call.value)
+        return attend(call)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_recording_under_a_policy_equals_the_kernel_on_the_kept_keys(tiny_llama, streaming):
+    """Statistics recorded while decoding under `full` and under a streaming policy equal the kernel's on the keys
+    each head keeps, with q, k, v taken from one forward of the whole text under the policy's per-head mask."""
+    from headlab.attention import pushed
+    from headlab.capture import recording
+    from headlab.kernels import attention_with_stats
+
+    model, n, prompt = tiny_llama, 60, 50
+    torch.manual_seed(3)
+    ids = torch.randint(4, 200, (1, n))
+    policy = kv.from_heads(model, [(0, 1), (1, 1)], sink=3, window=10) if streaming else kv.full()
+    spans = {"start": (0, 3), "middle": (20, 30), "recent": (44, 50)}
+    want = ("lse", "top1", "entropy", "span_mass")
+    saving = _SavingInputs()
+    with torch.no_grad(), pushed(model, saving):
+        model.hf(input_ids=ids, attention_mask=_head_mask(model, policy, n) if streaming else None)
+    cache = kv.prefill(model, ids[0, :prompt], policy)
+    group = model.n_heads // model.n_kv_heads
+    checked = 0
+    with recording(model, want=want, spans=spans) as recorder:
+        for query in range(prompt, n):
+            kv.step(model, cache, ids[0, query])
+            for layer in range(model.n_layers):
+                q, k, v = saving.inputs[layer]
+                ours = recorder.stats[layer]
+                for kv_head in range(model.n_kv_heads):
+                    heads = slice(kv_head * group, (kv_head + 1) * group)
+                    kept = _kept_positions(policy, model, layer, kv_head, query)
+                    part_spans = {name: (int(torch.searchsorted(kept, a)), int(torch.searchsorted(kept, b)))
+                                  for name, (a, b) in spans.items()}
+                    _, ref = attention_with_stats(q[:, heads, query:query + 1], k[:, kv_head:kv_head + 1, kept],
+                                                  v[:, kv_head:kv_head + 1, kept], want=(*want, "colsum"),
+                                                  spans={k_: s for k_, s in part_spans.items() if s[1] > s[0]})
+                    # the two forwards (whole text vs. cached decoding) differ by fp32 rounding only (~1e-6)
+                    torch.testing.assert_close(ours.lse[:, heads], ref.lse, rtol=0, atol=1e-4)
+                    torch.testing.assert_close(ours.entropy[:, heads], ref.entropy, rtol=0, atol=1e-4)
+                    for i, name in enumerate(spans):
+                        expected = (ref.span_mass[..., ref.span_names.index(name)] if name in ref.span_names
+                                    else torch.zeros_like(ours.span_mass[:, heads, :, i]))
+                        torch.testing.assert_close(ours.span_mass[:, heads, :, i], expected, rtol=0, atol=1e-4)
+                    top2 = ref.colsum.topk(min(2, len(kept)), dim=-1).values
+                    clear = (top2[..., 0] - top2[..., -1] > 1e-3) | (len(kept) == 1)
+                    assert torch.equal(ours.top1[:, heads][clear], kept[ref.top1][clear])
+                    checked += int(clear.sum())
+    assert checked > 0
+    if streaming:  # a wrong variant, statistics over every key, differs for the streaming heads
+        layer, head = 0, 0  # KV head 0 of layer 0 streams
+        q, k, v = saving.inputs[layer]
+        _, every_key = attention_with_stats(q[:, head:head + 1, n - 1:], k[:, :1], v[:, :1], want=("lse",))
+        assert (every_key.lse - recorder.stats[layer].lse[:, head:head + 1]).abs().max() > 1e-2
+        assert recorder.stats[layer].span_mass[:, head, :, 1].abs().max() == 0  # "middle" was evicted

@@ -8,10 +8,10 @@ on long-context retrieval against memory.
     table = kv.evaluate(model, [kv.full(), policy, kv.streaming()], task)
 
 The "uses" layer: it reads HeadScores and acts through the model's own forward (transformers' Cache and
-AttentionInterface); it does not import the CLI or the report.
+the attention seam, headlab.attention); it does not import the CLI or the report.
 """
 
-from headlab.kv.cache import ATTENTION_NAME, PolicyCache, PolicyLayer, applying, prefill, register, step
+from headlab.kv.cache import PolicyCache, PolicyLayer, applying, prefill, step
 from headlab.kv.policy import (
                                DEFAULT_SINK,
                                DEFAULT_WINDOW,
@@ -28,6 +28,6 @@ from headlab.kv.policy import (
                                streaming,
 )
 
-__all__ = ["ATTENTION_NAME", "DEFAULT_SINK", "DEFAULT_WINDOW", "KVPolicy", "PolicyCache", "PolicyLayer", "applying",
+__all__ = ["DEFAULT_SINK", "DEFAULT_WINDOW", "KVPolicy", "PolicyCache", "PolicyLayer", "applying",
            "budget", "from_heads", "from_scores", "full", "kv_head_scores", "long_layers", "prefill", "random",
-           "razor", "register", "sink_token_ids", "step", "streaming"]
+           "razor", "sink_token_ids", "step", "streaming"]

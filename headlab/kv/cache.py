@@ -10,13 +10,12 @@ bytes). `PolicyCache` is a `transformers.Cache` subclass whose layers are, per l
     with the absolute positions of its entries. After every forward a streaming head keeps only its first `sink`
     positions, its last `window` and its pinned positions; a budget head keeps what the observation window chose.
 `PolicyLayer.update` returns the full heads' keys to the model and leaves the streaming heads' entries for this
-forward beside them; the attention function `headlab_kv` (registered with transformers' AttentionInterface, and its
-mask function with AttentionMaskInterface so that sliding-window layers keep their own masks) computes the full
-heads with transformers' SDPA path on the model's mask, and each streaming head with SDPA over its kept keys only:
-in a prefill, query chunk by query chunk (sinks + window + chunk keys per query: a Lambda-shaped mask, as
-DuoAttention's streaming heads compute it), in a decoding step over the few kept keys. So the bytes held drop, and
-decoding reads fewer keys. The attention function finds the cache through a context variable set by `applying`
-(transformers hands the attention function the module, not the cache); outside that block it is plain SDPA.
+forward beside them; `applying` pushes the cache's handler on the attention seam (`headlab.attention`), which splits
+such a layer's call into parts: the full heads over the layer's keys and mask (transformers' SDPA path), and each
+streaming head over its kept keys only: in a prefill, query chunk by query chunk (sinks + window + chunk keys per
+query: a Lambda-shaped mask, as DuoAttention's streaming heads compute it), in a decoding step over the few kept
+keys. So the bytes held drop, and decoding reads fewer keys; a recorder pushed beside it (`headlab.capture`) sees the
+keys each head really attends to.
 
 Two prefill modes: "stream" (the streaming heads attend to and keep only sinks + window from the first prompt
 token on; DuoAttention's deployment) and "full" (an exact prefill, then eviction of the cache; how SnapKV, HeadKV
@@ -25,7 +24,6 @@ and kvpress's presses act, and the only way a budget policy's observation window
 
 from __future__ import annotations
 
-import contextvars
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -33,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from headlab.attention import Call, Splitter, pushed
 from headlab.errors import InputError
+from headlab.kernels import visible_keys
 from headlab.kv.policy import KVPolicy, full, long_layers
 
-ATTENTION_NAME = "headlab_kv"
 PREFILL_MODES = ("stream", "full")
 QUERY_CHUNK = 1024  # queries per block when a streaming head attends in a prefill
 POOL_KERNEL = 7  # SnapKV pools the observation window's attention over neighbouring keys
-_active: contextvars.ContextVar["PolicyCache | None"] = contextvars.ContextVar("headlab_kv_cache", default=None)
 
 
 class _Stream:
@@ -303,29 +301,50 @@ def _snap_select(scores: torch.Tensor, budget: int, observe: int, seen: int) -> 
     return torch.cat([top.to(torch.long), torch.arange(window_start, seen)]).to(scores.device)
 
 
-# ---- the attention function -----------------------------------------------------------------------------------
+# ---- the seam's handler -----------------------------------------------------------------------------------------
 
-def _attend(query, keys, values, mask, scale, softcap):
-    """query [b, g, n, d], keys/values [b, 1, m, d], mask [n, m] bool or None -> [b, g, n, d]."""
-    g = query.shape[1]
-    keys, values = keys.expand(-1, g, -1, -1), values.expand(-1, g, -1, -1)
-    if softcap is None:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * (scale if scale is not None else query.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), values)
+class _PolicyHandler(Splitter):
+    """The cache's policy on the attention seam: a layer of full heads goes on whole; a `PolicyLayer` goes on as a
+    part for its full heads (the layer's keys and mask) and one part per streaming KV head (its kept keys)."""
+
+    def __init__(self, cache: "PolicyCache"):
+        self.cache = cache
+
+    def split(self, call: Call, attend) -> torch.Tensor:
+        cache = self.cache
+        entry = cache.layers[call.layer] if call.layer is not None and call.layer < len(cache.layers) else None
+        if not isinstance(entry, PolicyLayer):
+            out = attend(call)
+            if call.layer in cache._long and call.query.shape[2] > 1:
+                if cache.observe:
+                    _observe(cache, call.layer, _last_rows_scores(call, cache.observe), call.key.shape[1])
+                if cache.measure is not None:
+                    _measure_far(cache, call.layer, _last_rows_scores(call, cache.measure["rows"]))
+            return out
+        b, n_heads, n, _ = call.query.shape
+        group = n_heads // (len(entry.full_idx) + len(entry.stream_idx))
+        out = call.query.new_empty(b, n, n_heads, call.value.shape[-1])
+        if entry.full_idx:
+            heads = [kv * group + g for kv in entry.full_idx for g in range(group)]
+            out[:, :, heads] = attend(call.part(heads, call.query[:, heads], call.key, call.value, call.mask))
+        for kv, stream in entry.streams.items():
+            heads = range(kv * group, (kv + 1) * group)
+            out[:, :, kv * group:(kv + 1) * group] = _stream_attention(call, attend, heads, stream.view, entry.q_start,
+                                                                       entry.sink, entry.window)
+            stream.view = None
+        return out
 
 
-def _stream_attention(query, view, q_start: int, sink: int, window: int, scale, softcap, chunk: int = QUERY_CHUNK):
-    """One streaming head's query group [b, g, n, d] over its entries (keys, values, pos, fixed): a query at i sees
-    key j <= i when j < sink, i - j < window, or j is fixed. A prefill goes chunk by chunk of queries, each over
+def _stream_attention(call: Call, attend, heads, view, q_start: int, sink: int, window: int,
+                      chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """One streaming KV head's query heads over its entries (keys, values, pos, fixed) -> [b, n, g, d]: a query at i
+    sees key j <= i when j < sink, i - j < window, or j is fixed. A prefill goes chunk by chunk of queries, each over
     only the keys some query of the chunk can see."""
     keys, values, pos, fixed = view
+    query = call.query[:, heads.start:heads.stop]
     n = query.shape[2]
-    if n == 1:
-        return _attend(query, keys, values, None, scale, softcap)
+    if n == 1:  # decoding: the query sees every kept entry
+        return attend(call.part(heads, query, keys, values, None, key_pos=pos))
     outs = []
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
@@ -333,110 +352,51 @@ def _stream_attention(query, view, q_start: int, sink: int, window: int, scale, 
         wanted = fixed | (pos < sink) | ((pos > q_start + lo - window) & (pos < q_start + hi))
         index = wanted.nonzero().flatten()
         k_pos, k_fixed = pos[index], fixed[index]
-        visible = (k_pos[None] <= q_pos[:, None]) & ((k_pos[None] < sink) | k_fixed[None]
-                                                     | (q_pos[:, None] - k_pos[None] < window))
-        outs.append(_attend(query[:, :, lo:hi], keys.index_select(2, index), values.index_select(2, index), visible,
-                            scale, softcap))
-    return torch.cat(outs, dim=2)
+        visible = visible_keys(q_pos, k_pos, True, window) | (visible_keys(q_pos, k_pos, True, None)
+                                                              & ((k_pos < sink) | k_fixed)[None])
+        outs.append(attend(call.part(heads, query[:, :, lo:hi], keys.index_select(2, index),
+                                     values.index_select(2, index), visible, key_pos=k_pos)))
+    return torch.cat(outs, dim=1)
 
 
-def _observe(cache: PolicyCache, layer: int, query, keys, scale, softcap, n_kv: int) -> None:
-    """Record the pooled attention of the last `cache.observe` queries on every key, per KV head [kv, keys]."""
-    n_obs = min(cache.observe, query.shape[2])
-    q = query[0, :, -n_obs:].float()  # [H, o, d]
-    group = q.shape[0] // n_kv
-    k = keys[0].float().repeat_interleave(group, dim=0)  # [H, T, d]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+def _last_rows_scores(call: Call, rows: int) -> torch.Tensor:
+    """[H, r, T] fp32 logits (the kernel's: scaled, capped) of a prefill's last `rows` queries on every key,
+    causal-masked."""
+    problem = call.problem()
+    q = call.query[0, :, -rows:].float()
+    k = call.key[0].float().repeat_interleave(q.shape[0] // call.key.shape[1], dim=0)
     total = k.shape[1]
-    q_pos = torch.arange(total - n_obs, total, device=q.device)
-    scores = scores.masked_fill(torch.arange(total, device=q.device)[None] > q_pos[:, None], float("-inf"))
+    q_pos = torch.arange(total - q.shape[1], total, device=q.device)
+    scores = problem.logits(torch.matmul(q, k.transpose(-1, -2)))
+    return scores.masked_fill(~visible_keys(q_pos, torch.arange(total, device=q.device), True, None), float("-inf"))
+
+
+def _observe(cache: PolicyCache, layer: int, scores: torch.Tensor, n_kv: int) -> None:
+    """Record the pooled attention of the last `cache.observe` queries on every key, per KV head [kv, keys]."""
     weights = torch.softmax(scores, dim=-1).sum(1)  # [H, T]
-    weights = weights.reshape(n_kv, group, total).sum(1)
+    total = weights.shape[-1]
+    weights = weights.reshape(n_kv, weights.shape[0] // n_kv, total).sum(1)
     pooled = F.avg_pool1d(weights[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]
     cache.observed[layer] = pooled
 
 
-def _measure_far(cache: PolicyCache, layer: int, query, keys, scale, softcap) -> None:
+def _measure_far(cache: PolicyCache, layer: int, scores: torch.Tensor) -> None:
     """Per query head, the attention mass the last `rows` queries put on keys a streaming head would not keep
     (past the first `sink` and outside the last `window`), averaged over those rows: [H]."""
-    rows, sink, window = cache.measure["rows"], cache.measure["sink"], cache.measure["window"]
-    n_rows = min(rows, query.shape[2])
-    q = query[0, :, -n_rows:].float()
-    group = q.shape[0] // keys.shape[1]
-    k = keys[0].float().repeat_interleave(group, dim=0)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    total = k.shape[1]
-    q_pos = torch.arange(total - n_rows, total, device=q.device)[:, None]
-    k_pos = torch.arange(total, device=q.device)[None]
-    probs = torch.softmax(scores.masked_fill(k_pos > q_pos, float("-inf")), dim=-1)
-    far = (k_pos >= sink) & (q_pos - k_pos >= window)
+    sink, window = cache.measure["sink"], cache.measure["window"]
+    n_rows, total = scores.shape[1:]
+    q_pos = torch.arange(total - n_rows, total, device=scores.device)
+    k_pos = torch.arange(total, device=scores.device)
+    probs = torch.softmax(scores, dim=-1)
+    far = (k_pos[None] >= sink) & ~visible_keys(q_pos, k_pos, False, window)
     cache.measure["out"][layer] = (probs * far).sum(-1).mean(-1).cpu()
-
-
-def kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                 softcap=None, **kwargs):
-    """transformers attention function: the policy cache's layers; SDPA (transformers' own path) elsewhere."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    extra = dict(kwargs)
-    if sliding_window is not None:
-        extra["sliding_window"] = sliding_window
-    if softcap is not None:
-        extra["softcap"] = softcap
-    cache = _active.get()
-    layer = getattr(module, "layer_idx", None)
-    entry = cache.layers[layer] if cache is not None and layer is not None and layer < len(cache.layers) else None
-    if not isinstance(entry, PolicyLayer):
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                     **extra)
-        if cache is not None and cache.observe and layer in cache._long and query.shape[2] > 1:
-            _observe(cache, layer, query, key, scaling, softcap, key.shape[1])
-        if cache is not None and cache.measure is not None and layer in cache._long and query.shape[2] > 1:
-            _measure_far(cache, layer, query, key, scaling, softcap)
-        return out
-    b, n_heads, n, d = query.shape
-    n_kv = len(entry.full_idx) + len(entry.stream_idx)
-    group = n_heads // n_kv
-    out = query.new_empty(b, n, n_heads, value.shape[-1])
-    if entry.full_idx:
-        heads = [kv * group + g for kv in entry.full_idx for g in range(group)]
-        full_out, _ = sdpa_attention_forward(module, query[:, heads], key, value, attention_mask, dropout=dropout,
-                                             scaling=scaling, **extra)
-        out[:, :, heads] = full_out
-    for kv, stream in entry.streams.items():
-        heads = slice(kv * group, (kv + 1) * group)
-        part = _stream_attention(query[:, heads], stream.view, entry.q_start, entry.sink, entry.window, scaling,
-                                 softcap)
-        out[:, :, heads] = part.transpose(1, 2)
-        stream.view = None
-    return out, None
-
-
-def register() -> str:
-    """Register the attention function and its mask function with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, kv_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
 
 
 @contextmanager
 def applying(model, cache: PolicyCache) -> Iterator[PolicyCache]:
-    """Inside the block `model.hf` forwards given `cache=cache` run under its policy."""
-    token = _active.set(cache)
-    previous = model.hf.config._attn_implementation
-    model.hf.set_attn_implementation(register())
-    try:
+    """Inside the block `model.hf` forwards given `cache=cache` run under its policy (on the attention seam)."""
+    with pushed(model, _PolicyHandler(cache)):
         yield cache
-    finally:
-        model.hf.set_attn_implementation(previous)
-        _active.reset(token)
 
 
 # ---- driving a model ------------------------------------------------------------------------------------------
