@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import tempfile
 import time
 import tomllib
@@ -23,19 +22,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from headlab.errors import HeadlabError, InputError
-from headlab.kv.command import kv as kv_command
 from headlab.scores import HeadScores, versions
+from headlab.kv.run import KVSettings
+from headlab.settings import SCAN_SETTINGS, ScanSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find and explain what attention heads do.")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
-SETTINGS = {  # scan settings a config file may hold, with their defaults
-    "seed": 0, "max_context": 4096, "device": "cpu", "dtype": None, "device_map": None, "quick": False,
-    "engine": "local", "address": None, "workers": 2, "threads_per_worker": 1, "threads": None,
-}
-CONFIG_KEYS = {"model", "probes", "params", "settings", *SETTINGS}
-ENGINES = ("local", "ray")
+CONFIG_KEYS = {"model", "probes", "params", "settings", *SCAN_SETTINGS}
 
 
 def _fail(message: str) -> None:
@@ -45,38 +40,49 @@ def _fail(message: str) -> None:
 
 # ---- scan -------------------------------------------------------------------------------------------------------
 
+def with_settings(kind, flags: dict | None = None):
+    """Give a command one option per field of the settings dataclass `kind` (help and default from the field; unset
+    options stay None so that a config file can fill them; tuples are written as comma lists); the command receives
+    them as keyword arguments."""
+    import inspect
+    import typing
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(kind)
+        extra = []
+        for f in dataclasses.fields(kind):
+            hint = str if typing.get_origin(hints[f.name]) is tuple else hints[f.name]
+            default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+            shown = f" (default {default})" if default is not None else ""
+            option = typer.Option(None, *(flags or {}).get(f.name, []), help=f"{f.metadata['help']}{shown}")
+            extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
+                                           default=option))
+        fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        command.__signature__ = signature.replace(parameters=fixed + extra)
+        command.__annotations__ = {**{p.name: p.annotation for p in fixed + extra}, "return": None}
+        return command
+
+    return decorate
+
+
 @app.command()
+@with_settings(ScanSettings, {"quick": ["--quick/--full"]})
 def scan(
     model: Optional[str] = typer.Argument(None, help="registry name (`headlab models`), local folder, GGUF file or hub "
                                                      "id; optional with --config"),
     probes: Optional[str] = typer.Option(None, help="comma-separated probes (`headlab probes`; default: all)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default scan-<model>)"),
-    max_context: Optional[int] = typer.Option(None, help="longest prompt any probe may build, in tokens [4096]"),
-    seed: Optional[int] = typer.Option(None, help="seed of every probe that draws at random [0]"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [cpu]"),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 [the checkpoint's, fp32 here]"),
-    device_map: Optional[str] = typer.Option(None, help="accelerate device map for models bigger than one device: "
-                                                        "auto, or a JSON object {module: device}"),
-    quick: Optional[bool] = typer.Option(None, "--quick/--full", help="each probe's quick profile: fewer, shorter "
-                                                                      "prompts [full]"),
     top: int = typer.Option(10, help="heads to print per probe"),
     set_: list[str] = typer.Option([], "--set", help="a probe parameter, e.g. --set retrieval.lengths=2048,4096 "
                                                       "(repeatable; see `headlab probes`)"),
-    config: Optional[Path] = typer.Option(None, help="a TOML or JSON file of the above (a scan folder's scan.json "
-                                                     "re-runs that scan)"),
-    engine: Optional[str] = typer.Option(None, help="local or ray [local]"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HOST:PORT (default: a local cluster)"),
-    workers: Optional[int] = typer.Option(None, help="Ray workers, each loading the model once [2]"),
-    threads_per_worker: Optional[int] = typer.Option(None, help="CPU threads (num_cpus) per Ray worker [1]"),
-    threads: Optional[int] = typer.Option(None, help="torch threads of a local scan [torch's default]; a table is "
-                                                     "bit-identical across engines at equal threads per process"),
+    config: Optional[Path] = typer.Option(None, help="a TOML or JSON file of these options (a scan folder's "
+                                                     "scan.json re-runs that scan)"),
+    **options,
 ) -> None:
     """Run probes on a model and write heads.csv, scan.json and report.html."""
     try:
-        request = scan_request(model, probes, max_context=max_context, seed=seed, device=device, dtype=dtype,
-                               device_map=device_map, quick=quick, top=top, settings=set_, config=config,
-                               engine=engine, address=address, workers=workers, threads_per_worker=threads_per_worker,
-                               threads=threads)
+        request = scan_request(model, probes, top=top, settings=set_, config=config, **options)
         out = out or Path(f"scan-{Path(request['model']).name}")
         check_writable(out)
         results, failed = run_scan(request, out)
@@ -92,15 +98,15 @@ def scan(
 def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **given) -> dict:
     """Everything a scan needs, checked before any compute: model, probes, settings and each probe's Params."""
     from headlab.loading import check_device, check_dtype
-    from headlab.probe import parse_setting
     from headlab.probes import get_probe
+    from headlab.settings import parse_setting
     from headlab.probes import probes as registry
 
     if top < 1:
         raise InputError(f"--top must be at least 1, got {top}")
     file = read_config(config) if config is not None else {}
-    values = {**SETTINGS, **file.get("settings", {}), **{k: file[k] for k in SETTINGS if k in file},
-              **{k: v for k, v in given.items() if v is not None}}
+    values = ScanSettings.from_values({**file.get("settings", {}), **{k: file[k] for k in SCAN_SETTINGS if k in file},
+                                       **{k: v for k, v in given.items() if v is not None}})
     model = model or file.get("model")
     if not model:
         raise InputError("give a model (a registry name, folder, GGUF file or hub id) or a --config that names one")
@@ -110,13 +116,6 @@ def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **gi
     unknown = [p for p in names if p not in known]
     if not names or unknown:
         raise InputError(f"unknown probe(s) {', '.join(unknown) or repr(probes)}; choose from {', '.join(known)}")
-    for key in ("workers", "threads_per_worker", "threads"):
-        if values[key] is not None and values[key] < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
-    if values["engine"] not in ENGINES:
-        raise InputError(f"unknown engine {values['engine']!r}; use one of {', '.join(ENGINES)}")
-    check_device(values["device"])
-    check_dtype(values["dtype"])
     overrides: dict[str, dict[str, Any]] = {name: dict(file.get("params", {}).get(name, {})) for name in names}
     for name in file.get("params", {}):
         if name not in names:
@@ -129,17 +128,17 @@ def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **gi
             raise InputError(f"--set takes probe.parameter=value (e.g. retrieval.lengths=2048,4096), got {item!r}")
         if probe_name not in names:
             raise InputError(f"--set {key} names {probe_name!r}, which is not among the probes ({', '.join(names)})")
-        overrides[probe_name][field] = parse_setting(get_probe(probe_name), field, text)
+        overrides[probe_name][field] = parse_setting(probe_name, get_probe(probe_name).Params, field, text)
     params = {}
     for name in names:
         probe = get_probe(name)
         fields = {f.name for f in dataclasses.fields(probe.Params)}
         chosen = dict(overrides[name])
         if "seed" in fields and "seed" not in chosen:
-            chosen["seed"] = values["seed"]
-        params[name] = probe.params(bool(values["quick"]), **probe_values(probe, chosen))
-        if values["max_context"] < probe.min_context:
-            raise InputError(f"--max-context {values['max_context']} is below what {name} needs "
+            chosen["seed"] = values.seed
+        params[name] = probe.params(values.quick, **probe_values(probe, chosen))
+        if values.max_context < probe.min_context:
+            raise InputError(f"--max-context {values.max_context} is below what {name} needs "
                              f"({probe.min_context} tokens)")
     return {"model": model, "probes": names, "settings": values, "params": params}
 
@@ -147,12 +146,9 @@ def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **gi
 def probe_values(probe, values: dict) -> dict:
     """Config values (TOML or JSON: numbers, strings, lists) checked against the probe's Params types; strings are
     parsed as --set parses them."""
-    from headlab.probe import check_value, parse_setting
+    from headlab.settings import check_value
 
-    out = {}
-    for key, value in values.items():
-        out[key] = parse_setting(probe, key, value) if isinstance(value, str) else check_value(probe, key, value)
-    return out
+    return {key: check_value(probe.name, probe.Params, key, value) for key, value in values.items()}
 
 
 def read_config(path: Path) -> dict:
@@ -165,13 +161,13 @@ def read_config(path: Path) -> dict:
         raise InputError(f"config {path} cannot be read: {error}") from None
     if path.name == "scan.json":  # a finished scan: re-run what it ran, with its full parameters
         data = {"model": data.get("model"), "probes": data.get("probes"), "params": data.get("params", {}),
-                "settings": {k: v for k, v in data.get("settings", {}).items() if k in SETTINGS}}
+                "settings": {k: v for k, v in data.get("settings", {}).items() if k in SCAN_SETTINGS}}
         data["settings"]["quick"] = False  # the parameters are explicit
     unknown = sorted(set(data) - CONFIG_KEYS)
-    unknown_settings = sorted(set(data.get("settings", {})) - set(SETTINGS))
+    unknown_settings = sorted(set(data.get("settings", {})) - set(SCAN_SETTINGS))
     if unknown or unknown_settings:
         raise InputError(f"config {path} has unknown key(s) {', '.join(unknown + unknown_settings)}; the keys are "
-                         f"model, probes, params.<probe>.<parameter> and {', '.join(SETTINGS)}")
+                         f"model, probes, params.<probe>.<parameter> and {', '.join(SCAN_SETTINGS)}")
     if not isinstance(data.get("params", {}), dict):
         raise InputError(f"config {path}: params must be a table of probes")
     return data
@@ -186,24 +182,24 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
 
     settings = request["settings"]
     start = time.perf_counter()
-    model = load_model(request["model"], device=settings["device"], dtype=settings["dtype"],
-                       device_map=parse_device_map(settings["device_map"]))
+    model = load_model(request["model"], device=settings.device, dtype=settings.dtype,
+                       device_map=parse_device_map(settings.device_map))
     params = {}
     for name in request["probes"]:
         probe = get_probe(name)
-        params[name] = probe.fit(request["params"][name], model, settings["max_context"])
+        params[name] = probe.fit(request["params"][name], model, settings.max_context)
         probe.check(model, params[name])
     console.print(f"{model}  (loaded in {model.load_info.seconds:.1f} s)")
     partial = out.with_name(f".{out.name}.partial")  # the journals of an unfinished scan
     results, seconds, failed = {}, {}, {}
-    engine = make_engine(request, settings)
+    engine = make_engine(request["model"], settings)
     try:
         for name in request["probes"]:
             t = time.perf_counter()
             journal = partial / f"{name}.journal.jsonl"
             try:
-                _report_resume(get_probe(name), model, params[name], journal)
-                results[name] = engine.run(get_probe(name), model, params[name], journal)
+                results[name] = engine.run(get_probe(name), model, params[name], journal,
+                                           on_resume=functools.partial(_report_resume, name))
             except Exception as error:  # noqa: BLE001 - one probe's failure, ours or torch's, must not stop the others
                 failed[name] = f"{type(error).__name__}: {error}"
                 errors.print(f"[red]{name} failed:[/red] {failed[name]}")
@@ -215,7 +211,7 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
         raise InputError("every probe failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     summary = {
         "model": request["model"], "probes": list(results), "failed": failed,
-        "settings": {k: v for k, v in settings.items()}, "seed": settings["seed"],
+        "settings": dataclasses.asdict(settings), "seed": settings.seed,
         "params": {name: dataclasses.asdict(p) for name, p in params.items()},
         "geometry": model.geometry, "load": vars(model.load_info), "seconds": seconds,
         "total_seconds": time.perf_counter() - start, "versions": versions(),
@@ -227,13 +223,8 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
     return results, failed
 
 
-def _report_resume(probe, model, params, journal: Path) -> None:
-    from headlab.journal import Journal
-
-    done = Journal(journal, probe.fingerprint(model, params)).read() if journal.exists() else {}
-    if done:
-        console.print(f"{probe.name}: resuming, {len(done)} of {len(probe.plan(model, params))} units journaled "
-                      f"in {journal}")
+def _report_resume(name: str, done: int, total: int, journal: Path) -> None:
+    console.print(f"{name}: resuming, {done} of {total} units journaled in {journal}")
 
 
 def parse_device_map(text):
@@ -249,21 +240,17 @@ def parse_device_map(text):
     return value
 
 
-def make_engine(request: dict, settings: dict):
+def make_engine(model_name: str, settings: ScanSettings):
     """The engine that runs the probes' units: here, or on a Ray cluster."""
-    if settings["engine"] == "ray":
+    if settings.engine == "ray":
         from headlab.engines.ray import RayEngine
 
-        return RayEngine(request["model"], address=settings["address"], workers=settings["workers"],
-                         threads_per_worker=settings["threads_per_worker"], device=settings["device"],
-                         dtype=settings["dtype"], device_map=parse_device_map(settings["device_map"]))
-    from headlab.probe import LocalEngine
+        return RayEngine(model_name, address=settings.address, workers=settings.workers,
+                         threads_per_worker=settings.threads_per_worker, device=settings.device,
+                         dtype=settings.dtype, device_map=parse_device_map(settings.device_map))
+    from headlab.engines.local import LocalEngine
 
-    if settings["threads"] is not None:
-        import torch
-
-        torch.set_num_threads(settings["threads"])
-    return LocalEngine()
+    return LocalEngine(threads=settings.threads)
 
 
 def check_writable(out: Path) -> None:
@@ -296,32 +283,28 @@ def _print_top(result: HeadScores, title: str, k: int) -> None:
 # ---- sweep -------------------------------------------------------------------------------------------------------
 
 @app.command()
+@with_settings(ScanSettings, {"quick": ["--quick/--full"]})
 def sweep(
     models_: list[str] = typer.Argument(..., metavar="MODEL...", help="models to scan (as for `headlab scan`)"),
     out: Path = typer.Option(..., help="folder for one scan folder per model, atlas.html and atlas.csv"),
     probes: Optional[str] = typer.Option(None, help="comma-separated probes (default: all)"),
-    quick: bool = typer.Option(False, "--quick/--full", help="each probe's quick profile"),
-    seed: int = typer.Option(0, help="seed of every probe that draws at random"),
-    max_context: int = typer.Option(4096, help="longest prompt any probe may build, in tokens"),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
     set_: list[str] = typer.Option([], "--set", help="a probe parameter for every model (repeatable)"),
-    engine: str = typer.Option("local", help="local (one model after the other) or ray (models side by side where "
-                                             "the cluster has room)"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HOST:PORT (default: a local cluster)"),
-    workers: int = typer.Option(2, help="Ray workers per model"),
-    threads_per_worker: int = typer.Option(1, help="CPU threads per Ray worker"),
+    config: Optional[Path] = typer.Option(None, help="a TOML or JSON file of these options, for every model"),
+    **options,
 ) -> None:
-    """Scan several models and draw the cross-model head atlas (atlas.html, atlas.csv)."""
+    """Scan several models and draw the cross-model head atlas (atlas.html, atlas.csv); on Ray (--engine ray) the
+    models run side by side on one cluster."""
     from headlab.atlas import write_atlas
+    from headlab.loading import check_model_name
 
     try:
-        requests = {name: scan_request(name, probes, max_context=max_context, seed=seed, device=device, quick=quick,
-                                       settings=set_, engine=engine, address=address, workers=workers,
-                                       threads_per_worker=threads_per_worker) for name in models_}
+        requests = {name: scan_request(name, probes, settings=set_, config=config, **options) for name in models_}
+        for name in models_:
+            check_model_name(name)
         folders = {name: out / Path(name).name for name in models_}
         for folder in folders.values():
             check_writable(folder)
-        scans, failed = run_sweep(requests, folders, engine, address)
+        scans, failed = run_sweep(requests, folders)
         if not scans:
             raise InputError("every model failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         write_atlas(out, scans, failed)
@@ -332,7 +315,7 @@ def sweep(
         _fail(f"{len(failed)} model(s) failed ({', '.join(failed)}); the atlas lists them")
 
 
-def run_sweep(requests: dict, folders: dict, engine: str, address: str | None):
+def run_sweep(requests: dict, folders: dict):
     """{model: (summary, results)} of the models whose scan finished, and {model: why} of the others; on Ray the
     models run side by side on one cluster (each with its own workers, waiting for room)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -344,7 +327,8 @@ def run_sweep(requests: dict, folders: dict, engine: str, address: str | None):
         return load_results(folders[name])
 
     scans, failed = {}, {}
-    if engine != "ray":
+    settings = next(iter(requests.values()))["settings"]
+    if settings.engine != "ray":
         for name in requests:
             try:
                 scans[name] = one(name)
@@ -356,9 +340,8 @@ def run_sweep(requests: dict, folders: dict, engine: str, address: str | None):
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
-        settings = next(iter(requests.values()))["settings"]
-        init(**({"address": address} if address else {"num_cpus": settings["workers"] *
-                                                       settings["threads_per_worker"]}))
+        init(**({"address": settings.address} if settings.address else
+                {"num_cpus": settings.workers * settings.threads_per_worker}))
     try:
         with ThreadPoolExecutor(max_workers=len(requests)) as pool:
             futures = {name: pool.submit(one, name) for name in requests}
@@ -428,25 +411,67 @@ def models() -> None:
 
 
 @app.command("kv")
-@functools.wraps(kv_command)
-def kv(**options) -> None:
-    """`headlab kv MODEL --scores SCAN_DIR`: head-aware KV-cache policies (headlab.kv); results written into a scan
-    folder (its kv/) appear in that scan's report."""
+@with_settings(KVSettings)
+def kv(
+    model: Optional[str] = typer.Argument(None, help="registry name, local Hugging Face folder or hub id; optional "
+                                                     "with --config"),
+    scores: Optional[Path] = typer.Option(None, help="scan folder (headlab scan --out), its heads.csv (pick the "
+                                                     "probe's column with --column) or a HeadScores .csv"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: <scan folder>/kv, which the scan's report "
+                                                  "then shows; kv-<model> for a .csv of scores)"),
+    duo: Optional[Path] = typer.Option(None, help="also write each policy's DuoAttention pattern under this folder"),
+    set_: list[str] = typer.Option([], "--set", help="a setting, e.g. --set fractions=0.25,0.5 (repeatable)"),
+    config: Optional[Path] = typer.Option(None, help="a TOML or JSON file of these settings (a run's kv.json re-runs "
+                                                     "that run)"),
+    **options,
+) -> None:
+    """Evaluate full, streaming, score-ranked and random KV-cache policies on held-out NIAH tests; write kv.csv,
+    kv.json (every setting), kv.tests.jsonl (resumable) and pareto.html; in a scan folder its report shows them."""
+    from headlab.kv.run import run_kv
     from headlab.report import load_results, write_report
 
-    out = kv_command(**options)
-    scores = Path(options["scores"])
-    if out == scores / "kv" and (scores / "scan.json").exists():
-        try:
+    try:
+        model, scores, settings = kv_request(model, scores, set_, config, options)
+        out, table = run_kv(model, scores, settings, out, duo)
+        if out == scores / "kv" and (scores / "scan.json").exists():
             write_report(scores, *load_results(scores))
-        except HeadlabError as error:
-            _fail(str(error))
-        console.print(f"report: {(scores / 'report.html').resolve()}")
+            console.print(f"report: {(scores / 'report.html').resolve()}")
+    except HeadlabError as error:
+        _fail(str(error))
+    columns = ["policy", "length", "accuracy", "n_tests", "kv_fraction", "kv_fraction_measured", "decode_ms_per_token"]
+    typer.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"results: {(out / 'kv.csv').resolve()}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def kv_request(model, scores, settings: list[str], config: Optional[Path], options: dict):
+    """(model, scores, KVSettings) from a config file (TOML, or a run's kv.json), then --set, then options."""
+    from headlab.settings import parse_setting
+
+    file = {}
+    if config is not None:
+        if not config.is_file():
+            raise InputError(f"config {config} does not exist")
+        try:
+            file = tomllib.loads(config.read_text()) if config.suffix == ".toml" else json.loads(config.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"config {config} cannot be read: {error}") from None
+        unknown = sorted(set(file) - {"model", "scores", "settings", "policies", "evaluation", "summary"})
+        if unknown:
+            raise InputError(f"config {config} has unknown key(s) {', '.join(unknown)}; the keys are model, scores "
+                             "and settings.<name>")
+    values = dict(file.get("settings", {}))
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise InputError(f"--set takes setting=value (e.g. fractions=0.25,0.5), got {item!r}")
+        values[key.strip()] = parse_setting("kv", KVSettings, key.strip(), text)
+    values.update({k: v for k, v in options.items() if v is not None})
+    model = model or file.get("model")
+    scores = scores or (Path(file["scores"]) if file.get("scores") else None)
+    if not model or scores is None:
+        raise InputError("give a model and --scores (a scan folder or a scores .csv), or a --config that names them")
+    return model, Path(scores), KVSettings.from_values(values)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    app()

@@ -273,15 +273,23 @@ def _load_hub(name: str):
     """A model from the Hugging Face hub: checked to exist (one quick request) before anything is downloaded."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_model_name(name)
+    config = AutoConfig.from_pretrained(name)
+    with _quiet_transformers():
+        hf = _auto_class(config).from_pretrained(name, dtype=torch.float32, use_safetensors=True)
+    return hf, AutoTokenizer.from_pretrained(name)
+
+
+def check_model_name(name: str) -> None:
+    """UnknownModelError (or HubUnreachableError) unless `name` is a registry name, an existing path, or a hub id the
+    hub has; loads nothing (a sweep checks every name before it loads any)."""
+    if name in REAL_MODELS or name in PACKAGED_MODELS or name in TINY_BUILDERS or Path(name).exists():
+        return
     known = ", ".join(list(REAL_MODELS) + list(TINY_BUILDERS))
     if name.count("/") != 1:  # hub ids are owner/name; anything else is a typo, not a download
         raise UnknownModelError(f"unknown model {name!r}: the registry names are {known}; "
                                 "a local folder or an owner/name hub id also works")
     _check_on_hub(name, known)
-    config = AutoConfig.from_pretrained(name)
-    with _quiet_transformers():
-        hf = _auto_class(config).from_pretrained(name, dtype=torch.float32, use_safetensors=True)
-    return hf, AutoTokenizer.from_pretrained(name)
 
 
 def _check_on_hub(name: str, known: str) -> None:

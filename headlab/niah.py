@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -220,3 +221,29 @@ def stop_token_ids(model) -> set[int]:
     configured = getattr(getattr(model.hf, "generation_config", None), "eos_token_id", None)
     ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
     return {int(i) for i in ids if i is not None}
+
+
+MAX_NEW_TOKENS = 50  # the longest answer, in tokens
+RETRIEVED_RECALL = 0.5  # a test counts as retrieved when the answer's ROUGE-1 recall exceeds this
+
+
+def greedy_answer(model, step: Callable[[int], torch.Tensor], first_token: int, *,
+                  max_new_tokens: int = MAX_NEW_TOKENS, on_token: Callable[[int, int], None] | None = None
+                  ) -> list[int]:
+    """The NIAH answer rule: greedy decoding that feeds `first_token` (the prompt's last token; the rest is the
+    prefill), then each token it chose; `step(token)` returns the next logits [vocab] and `on_token(i, token)` sees
+    each choice. Stops at an EOS / end-of-turn id, at a token that holds a newline, or after `max_new_tokens`."""
+    stops, generated, token = stop_token_ids(model), [], first_token
+    for index in range(max_new_tokens):
+        token = int(step(token).argmax())
+        generated.append(token)
+        if on_token is not None:
+            on_token(index, token)
+        if token in stops or "\n" in model.tokenizer.decode(generated[-1:]):
+            break
+    return generated
+
+
+def answer_text(model, generated: list[int]) -> str:
+    """The decoded answer, stripped, as recall is computed on it."""
+    return model.tokenizer.decode(generated, skip_special_tokens=True).strip()

@@ -20,8 +20,8 @@ A probe is one file in `probes/` that defines a `Probe` subclass and an instance
     scan = PROBE.scan                    # the one-line Python entry: plan, run (journaled, resumable), merge
 
 Partials always pass through JSON before they are merged (here as through a journal or a network), and merge reads
-them in key order, so a table is bit-identical however its units were split, scheduled or resumed. The loop that runs
-units in this process (`run_units`) is part of the contract; engines elsewhere (headlab.engines) run the same units.
+them in key order, so a table is bit-identical however its units were split, scheduled or resumed. Every engine runs
+the units through one scheduler (headlab.engines.scheduler: plan checks, journal, resume, progress, merge).
 The registry of probes (headlab's own, and yours) is `headlab.probes.probes()`.
 """
 
@@ -32,11 +32,10 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 from headlab.errors import InputError, UnsupportedModelError
-from headlab.journal import Journal
-from headlab.progress import progress_bar
+from headlab.settings import type_name
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Probe:
         out = []
         for f in dataclasses.fields(self.Params):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+            out.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
                         "quick": self.quick.get(f.name, default)})
         return out
 
@@ -137,6 +136,8 @@ class Probe:
              **params):
         """Plan, run every unit here (journaled to `journal` when given: an interrupted scan resumes at the unit),
         and merge -> HeadScores."""
+        from headlab.engines.local import run_local
+
         params = self.params(quick, **params)
         self.check(model, params)
         return run_local(self, model, params, journal=journal, progress=progress)
@@ -159,128 +160,6 @@ def normalise(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: normalise(v) for k, v in value.items()}
     return value
-
-
-def _type_name(annotation) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-# ---- running units here ------------------------------------------------------------------------------------------
-
-def run_units(probe: Probe, model, params, units: Sequence[Unit], *, journal: str | Path | None = None,
-              progress: bool = True, done: dict | None = None) -> dict[str, dict]:
-    """{key: partial} for `units`, run in this process; with `journal`, finished units are read from it and each new
-    one is appended as it finishes (a killed run loses at most the unit it was in)."""
-    keys = [unit.key for unit in units]
-    if len(set(keys)) != len(keys):
-        raise InputError(f"the {probe.name} plan has duplicate unit keys")
-    book = Journal(journal, probe.fingerprint(model, params)) if journal is not None else None
-    partials = dict(done or {})
-    if book is not None:
-        partials.update({key: value for key, value in book.resume().items() if key in set(keys)})
-    todo = [unit for unit in units if unit.key not in partials]
-    for unit in progress_bar(todo, f"{probe.name} ({len(units) - len(todo)} of {len(units)} units done)",
-                             disable=not progress):
-        partial = as_json(probe.run(model, params, unit))
-        if book is not None:
-            book.append(unit.key, partial)
-        partials[unit.key] = partial
-    return partials
-
-
-def run_local(probe: Probe, model, params, *, journal: str | Path | None = None, progress: bool = True):
-    """The whole probe in this process: plan, run (journaled), merge in key order."""
-    units = probe.plan(model, params)
-    if not units:
-        raise InputError(f"the {probe.name} probe planned no work for these parameters")
-    partials = run_units(probe, model, params, units, journal=journal, progress=progress)
-    return merge(probe, model, params, partials)
-
-
-class LocalEngine:
-    """Runs a probe's units in this process (the engine `headlab scan` uses unless told --engine ray)."""
-
-    def run(self, probe: Probe, model, params, journal: str | Path | None = None, progress: bool = True):
-        return run_local(probe, model, params, journal=journal, progress=progress)
-
-    def close(self) -> None:
-        pass
-
-
-def merge(probe: Probe, model, params, partials: dict[str, dict]):
-    """probe.merge over partials in key order (JSON types, as a journal holds them)."""
-    ordered = {key: as_json(partials[key]) for key in sorted(partials)}
-    return probe.merge(model, params, ordered)
-
-
-def parse_setting(probe: Probe, key: str, text: str) -> Any:
-    """The value of `--set <probe>.<key>=<text>`, coerced to the parameter's type: numbers, booleans, comma lists
-    for tuples, `none` for optional values; InputError names the parameter and what it takes."""
-    hints = typing.get_type_hints(probe.Params)
-    if key not in hints:
-        raise InputError(f"{probe.name} has no parameter {key!r}; its parameters are {', '.join(hints)}")
-    try:
-        return _coerce(text, hints[key])
-    except ValueError:
-        raise InputError(f"{probe.name}.{key} takes {_type_name(hints[key])}, not {text!r}") from None
-
-
-def check_value(probe: Probe, key: str, value: Any) -> Any:
-    """A parameter value from a config file (TOML or JSON types) checked against the parameter's type."""
-    hints = typing.get_type_hints(probe.Params)
-    if key not in hints:
-        raise InputError(f"{probe.name} has no parameter {key!r}; its parameters are {', '.join(hints)}")
-    if not _fits(value, hints[key]):
-        raise InputError(f"{probe.name}.{key} takes {_type_name(hints[key])}, not {value!r}")
-    return value
-
-
-def _fits(value: Any, annotation) -> bool:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_fits(value, option) for option in args)
-    if annotation is type(None):
-        return value is None
-    if origin in (tuple, list):
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0] if args else Any) for v in value)
-    if annotation is dict or origin is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def _coerce(text: str, annotation) -> Any:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if type(None) in args and text.strip().lower() in ("none", "null", ""):
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(text, option)
-            except ValueError:
-                continue
-        raise ValueError(text)
-    if origin in (tuple, list):
-        item = args[0] if args else str
-        return tuple(_coerce(part, item) for part in text.split(",") if part.strip())
-    if annotation is bool:
-        if text.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.strip().lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    if annotation in (int, float):
-        return annotation(text)
-    if annotation is str:
-        return text
-    if annotation is dict or origin is dict:
-        return json.loads(text)
-    raise ValueError(text)
 
 
 def iter_partials(partials: dict[str, dict]) -> Iterable[tuple[str, dict]]:

@@ -39,6 +39,11 @@ class HeadScores:
         missing = {"layer", "head", "score"} - set(frame.columns)
         if missing:
             raise InputError(f"a HeadScores frame needs the columns layer, head and score; {sorted(missing)} missing")
+        for key in ("layer", "head"):
+            values = pd.to_numeric(frame[key], errors="coerce")
+            if values.isna().any() or (values % 1 != 0).any() or (values < 0).any():
+                raise InputError(f"a HeadScores frame's {key} column must hold whole numbers >= 0 in every row; "
+                                 f"{int(values.isna().sum())} row(s) are empty or not numbers")
         frame = frame.sort_values(["layer", "head"]).reset_index(drop=True)
         frame["layer"] = frame["layer"].astype(int)
         frame["head"] = frame["head"].astype(int)
@@ -128,8 +133,20 @@ class HeadScores:
     def load(cls, path: str | Path) -> "HeadScores":
         path = Path(path)
         meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        return cls(pd.read_csv(path.with_suffix(".csv")), meta)
+        table = path.with_suffix(".csv")
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            if not table.read_bytes().endswith(b"\n"):
+                raise InputError(f"{table} is not a HeadScores table: it ends in the middle of a row (a truncated "
+                                 "file); write it again with HeadScores.save or rerun the scan")
+            frame = pd.read_csv(table)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"{table} is not a readable HeadScores table ({str(error).splitlines()[0]}); "
+                             "write it again with HeadScores.save or rerun the scan") from None
+        try:
+            return cls(frame, meta)
+        except InputError as error:
+            raise InputError(f"{table} is not a HeadScores table: {error}") from None
 
     def __len__(self) -> int:
         return len(self.frame)

@@ -27,15 +27,19 @@ from jaxtyping import Bool, Float, Int
 from headlab.capture import recording
 from headlab.data import haystack_text
 from headlab.errors import InputError, NoSignalError
-from headlab.niah import (  # noqa: F401 - the task
+from headlab.niah import (  # noqa: F401 - the task and its answer rule
     ANSWER_CUE,
     INTRO,
+    MAX_NEW_TOKENS,
     QUESTION,
+    RETRIEVED_RECALL,
     Needle,
     NiahPrompt,
     NiahTask,
     NiahTest,
+    answer_text,
     build_prompt,
+    greedy_answer,
     load_needles,
     niah_task,
     rouge1_recall,
@@ -45,8 +49,6 @@ from headlab.probe import Probe, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name
 
-MAX_NEW_TOKENS = 50
-RETRIEVED_RECALL = 0.5  # a test counts when ROUGE-1 recall of the answer exceeds this
 RETRIEVAL_THRESHOLD = 0.1  # the paper's cut: heads above it are "retrieval heads"
 
 
@@ -104,22 +106,22 @@ def answer_needle(model, prompt: NiahPrompt, *, max_new_tokens: int = MAX_NEW_TO
     n_prompt = len(ids)
     context = torch.cat([ids, torch.zeros(max_new_tokens, dtype=torch.long, device=ids.device)])
     copies = torch.zeros(model.n_layers, model.n_heads)
-    stops, generated = stop_token_ids(model), []
     with recording(model, want=(), backend=backend) as recorder:
         cache = model.hf.base_model(input_ids=ids[None, :-1], use_cache=True).cache
         recorder.want = ("top1",)
-        token = ids[-1:]
-        for step in range(max_new_tokens):
-            logits = model.hf(input_ids=token[None], cache=cache, use_cache=True).logits
-            token = logits[0, -1:].argmax(dim=-1)
-            n_keys = n_prompt + step  # keys of this step: the prompt and the tokens fed so far
+
+        def step(token: int) -> torch.Tensor:
+            return model.hf(input_ids=torch.tensor([[token]], device=ids.device), cache=cache,
+                            use_cache=True).logits[0, -1]
+
+        def score(index: int, token: int) -> None:
+            n_keys = n_prompt + index  # keys of this step: the prompt and the tokens fed so far
             top_keys = step_top_keys([recorder.stats[layer].top1 for layer in range(model.n_layers)],
                                      [n_keys - recorder.n_keys[layer] for layer in range(model.n_layers)])
-            copies += copy_hits(top_keys, int(token), context, prompt.answer).float().cpu()
-            context[n_prompt + step] = token
-            generated.append(int(token))
-            if int(token) in stops or "\n" in model.tokenizer.decode(generated[-1:]):
-                break
+            copies.add_(copy_hits(top_keys, token, context, prompt.answer).float().cpu())
+            context[n_prompt + index] = token
+
+        generated = greedy_answer(model, step, int(ids[-1]), max_new_tokens=max_new_tokens, on_token=score)
     return generated, copies / (prompt.answer[1] - prompt.answer[0])
 
 
@@ -128,7 +130,7 @@ def run_test(model, task: NiahTask, test: NiahTest, *, max_new_tokens: int = MAX
     """Build, answer and score one test."""
     prompt = build_prompt(model, task, test)
     generated, copies = answer_needle(model, prompt, max_new_tokens=max_new_tokens, backend=backend)
-    response = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
+    response = answer_text(model, generated)
     return NiahResult(test.key, test.needle.id, test.length, test.depth, len(prompt.ids), response,
                       rouge1_recall(test.needle.answer, response), copies.tolist())
 

@@ -13,8 +13,9 @@ Which data chose the heads, which evaluated them:
     scoring half of the haystack (headlab.kv.evaluate.haystack_half(0)), random tokens, and the committed sinks scan;
   - evaluation: datasets/needles_heldout.jsonl (needles never used for scoring) over the evaluation half
     (haystack_half(1)), in haystack windows drawn with seed 1.
-Every (test, policy) result is appended to <out>.<variant>-<mode>-<length>.tests.jsonl as it finishes, so an
-interrupted study resumes; the summary goes to <out>.csv and <out>.json.
+Every test's results (all its policies) are appended to <out>.<variant>-<mode>-<length>.tests.jsonl as the test
+finishes, so an interrupted study resumes; policies added later go to <...>-<length>.<n>.tests.jsonl (the rows
+already journaled are kept); the summary goes to <out>.csv and <out>.json.
 """
 
 from __future__ import annotations
@@ -126,7 +127,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    ev.DECODE_THREADS = args.decode_threads
     overrides = {int(k): int(v) for k, v in (item.split(":") for item in args.tests_at)}
     pairs = [tuple(int(x) for x in item.split(":")) for item in args.other_windows]
     other_fractions = args.other_fractions or args.fractions
@@ -158,9 +158,18 @@ def main() -> None:
         policies = policies_for(model, length, scores, args.fractions, args.sink, args.window, sink_ids,
                                 args.pinned, families) + other_windows(model, scores, other_fractions, pairs, families)
         tests = ev.subsample(ev.heldout_task(lengths=(length,)), overrides.get(length, args.tests))
-        journal = args.out.with_name(f"{args.out.name}.{args.variant}-{args.mode}-{length}.tests.jsonl")
-        rows = ev.evaluate_tests(model, policies, ev.heldout_task(lengths=(length,)), tests, variant=args.variant,
-                                 mode=args.mode, journal=journal, max_new_tokens=args.max_new_tokens)
+        stem = f"{args.out.name}.{args.variant}-{args.mode}-{length}"
+        earlier = sorted(args.out.parent.glob(f"{stem}.tests.jsonl")) + sorted(args.out.parent.glob(f"{stem}.*.tests.jsonl"))
+        done = set(pd.concat([ev.results_frame(j) for j in earlier])["policy"]) if earlier else set()
+        new = [p for p in policies if p.name not in done]  # journaled rows are kept; new policies get a journal
+        if not new:
+            continue
+        journal = args.out.with_name(f"{stem}.tests.jsonl" if not earlier else f"{stem}.{len(earlier) + 1}.tests.jsonl")
+        if earlier and journal in earlier:  # an interrupted run of these policies: resume it
+            journal = earlier[-1]
+        rows = ev.evaluate_tests(model, new, ev.heldout_task(lengths=(length,)), tests, variant=args.variant,
+                                 mode=args.mode, journal=journal, max_new_tokens=args.max_new_tokens,
+                                 decode_threads=args.decode_threads)
         frames.append(rows)
     journals = sorted(args.out.parent.glob(f"{args.out.name}.{args.variant}-{args.mode}-*.tests.jsonl"))
     rows = pd.concat([ev.results_frame(j) for j in journals], ignore_index=True)  # every length run so far

@@ -46,6 +46,26 @@ def _corrupt_cache(tmp, monkeypatch):
     return "smollm2-135m"
 
 
+def _scan_with_scores(tmp, damage):
+    """A scan folder whose probes/retrieval.csv was damaged by `damage(text) -> text`."""
+    import numpy as np
+
+    folder = tmp / "scan-with-scores"
+    (folder / "probes").mkdir(parents=True)
+    path = headlab.HeadScores.from_matrix(np.arange(8.0).reshape(2, 4), {"probe": "retrieval"}).save(
+        folder / "probes" / "retrieval")
+    path.write_text(damage(path.read_text()))
+    return str(folder)
+
+
+def _truncated_scores(tmp):
+    return _scan_with_scores(tmp, lambda text: text[: len(text) // 2 + 3])  # cut inside a row
+
+
+def _corrupted_scores(tmp):
+    return _scan_with_scores(tmp, lambda text: text + '7,1,"L7H1,0.5\n8,2,oops,"x",1,2,3\n')
+
+
 # (id, arguments with {model} / {out} placeholders, how to make the model argument, what the sentence says)
 ROWS = [
     ("unknown-model", ["scan", "smolm2-135m"], None, "unknown model"),
@@ -63,6 +83,10 @@ ROWS = [
     ("corrupted-cache", ["scan", "{model}", "--probes", "detectors"], _corrupt_cache, "no longer match"),
     ("top-zero", ["scan", "tiny-llama", "--top", "0"], None, "--top must be at least 1"),
     ("probe-cannot-handle-the-model", ["scan", "tiny-bert", "--probes", "qk"], None, "causal language model"),
+    ("kv-truncated-scores", ["kv", "tiny-llama", "--scores", "{model}"], _truncated_scores, "not a HeadScores table"),
+    ("kv-corrupted-scores", ["kv", "tiny-llama", "--scores", "{model}"], _corrupted_scores,
+     "not a readable HeadScores table"),
+    ("sweep-unknown-model", ["sweep", "tiny-llama", "nonexistent-model"], None, "unknown model 'nonexistent-model'"),
 ]
 
 

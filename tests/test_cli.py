@@ -36,7 +36,7 @@ def test_rerun_resumes_from_the_journal_and_report_rerenders(tmp_path):
     from headlab.probes import get_probe
 
     import headlab
-    from headlab.probe import run_units
+    from headlab.engines.local import run_units
 
     model, probe = headlab.load_model("tiny-llama"), get_probe("detectors")
     params = probe.fit(probe.params(quick=True), model, 4096)

@@ -343,7 +343,7 @@ def test_evaluate_journal_resumes_and_summarizes(long_tiny, tmp_path):
     fig = ev.pareto_figure(table)
     assert len(fig.data) == 3
     other = ev.heldout_task(lengths=(400,), depths=(0.2,), needles=2)
-    with pytest.raises(InputError, match="another model"):
+    with pytest.raises(InputError, match="units of another run"):
         ev.evaluate_tests(long_tiny, policies, other, journal=journal, progress=False)
 
 
@@ -396,6 +396,38 @@ def test_command_runs_on_a_scan_and_its_report_shows_the_policies(tmp_path, long
     assert 'id="kv-pareto"' in report and "KV-cache policies" in report
     assert CliRunner().invoke(app, ["report", str(scan)]).exit_code == 0  # a re-render keeps them
     assert (scan / "kv" / "kv.csv").exists() and 'id="kv-pareto"' in (scan / "report.html").read_text()
+
+
+def test_command_reads_a_column_of_heads_csv_and_its_kv_json_reruns_it(tmp_path, long_tiny, monkeypatch):
+    """`--scores <scan>/heads.csv --column <probe>` ranks by that column exactly as the probe's own table does, and
+    `--config <out>/kv.json` re-runs the run (same settings, same answers and KV bytes, from a fresh journal)."""
+    from typer.testing import CliRunner
+
+    from headlab.cli import app
+
+    scan = tmp_path / "scan"
+    assert CliRunner().invoke(app, ["scan", "tiny-llama", "--probes", "detectors", "--quick", "--out",
+                                    str(scan)]).exit_code == 0
+    monkeypatch.setattr(headlab, "load_model", lambda name, device=None: long_tiny)
+    settings = ["--lengths", "400", "--tests", "1", "--fractions", "0.5", "--set", "max_new_tokens=3"]
+    by_column, by_probe = tmp_path / "by-column", tmp_path / "by-probe"
+    result = CliRunner().invoke(app, ["kv", "tiny-llama", "--scores", str(scan / "heads.csv"), "--column",
+                                      "detectors", "--out", str(by_column), *settings])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, ["kv", "tiny-llama", "--scores", str(scan), "--probe", "detectors", "--out",
+                                    str(by_probe), *settings]).exit_code == 0
+    same = ["policy", "n_full", "accuracy", "kv_bytes", "kv_bytes_analytic"]
+    first = pd.read_csv(by_column / "kv.csv")
+    assert first[same].equals(pd.read_csv(by_probe / "kv.csv")[same])
+    recorded = json.loads((by_column / "kv.json").read_text())
+    assert recorded["settings"]["max_new_tokens"] == 3 and recorded["settings"]["fractions"] == [0.5]
+    again = tmp_path / "again"
+    result = CliRunner().invoke(app, ["kv", "--config", str(by_column / "kv.json"), "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    rows, rerun = ev.results_frame(by_column / "kv.tests.jsonl"), ev.results_frame(again / "kv.tests.jsonl")
+    assert rerun[["policy", "response", "kv_bytes"]].equals(rows[["policy", "response", "kv_bytes"]])
+    result = CliRunner().invoke(app, ["kv", "--config", str(by_column / "kv.json"), "--set", "mode=lazy"])
+    assert result.exit_code == 1 and "--mode must be one of stream, full" in result.output
 
 
 # ---- real models ------------------------------------------------------------------------------------------------

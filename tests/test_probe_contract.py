@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 import headlab
 from headlab.cli import app
 from headlab.journal import Journal
-from headlab.probe import merge, run_local, run_units
+from headlab.engines.local import run_local, run_units
+from headlab.engines.scheduler import merge
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,19 @@ def test_three_shuffled_shards_merge_to_the_one_process_table(probe_name, runs, 
     merged = merge(probe, model, params, partials)
     assert merged.frame.equals(whole.frame)
     assert merged.meta == whole.meta or {k for k in merged.meta if merged.meta[k] != whole.meta[k]} <= {"versions"}
+
+
+@pytest.mark.parametrize("plan, message", [([], "holds no work"), (["a", "b", "a"], "duplicate unit keys")])
+def test_the_local_engine_refuses_an_empty_plan_or_repeated_keys(plan, message, tmp_path):
+    from planned import with_plan
+
+    model = headlab.load_model("tiny-llama")
+    probe = with_plan(get_probe("detectors"), plan)
+    with pytest.raises(headlab.InputError, match=message):
+        run_local(probe, model, probe.params(seq_len=6, n_prompts=2), journal=tmp_path / "j.jsonl", progress=False)
+    assert not (tmp_path / "j.jsonl").exists()  # nothing written
+    with pytest.raises(headlab.InputError, match=message):
+        probe.scan(model, progress=False, seq_len=6, n_prompts=2)
 
 
 def test_a_journal_of_other_parameters_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import headlab
 from headlab.cli import app
-from headlab.probe import run_local, run_units
+from headlab.engines.local import run_local, run_units
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -139,3 +139,56 @@ def test_the_cli_runs_a_scan_on_the_cluster(cluster, tmp_path):
     assert result.exit_code == 0, result.output
     assert (remote / "heads.csv").read_bytes() == (local / "heads.csv").read_bytes()
     assert json.loads((remote / "scan.json").read_text())["settings"]["engine"] == "ray"
+
+
+def test_the_cli_sweeps_two_models_on_the_cluster(cluster, tmp_path):
+    """`headlab sweep --engine ray` on the two-node cluster: each model's table equals its local scan's, byte for
+    byte, with the scan's settings (threads, dtype) recorded."""
+    runner = CliRunner()
+    args = ["--probes", "detectors,sinks", "--quick", "--dtype", "float32"]
+    local = tmp_path / "local"
+    assert runner.invoke(app, ["sweep", "tiny-llama", "tiny-gemma3", *args, "--threads", "1", "--out",
+                               str(local)]).exit_code == 0
+    remote = tmp_path / "remote"
+    result = runner.invoke(app, ["sweep", "tiny-llama", "tiny-gemma3", *args, "--engine", "ray", "--address",
+                                 cluster.address, "--workers", "1", "--out", str(remote)])
+    assert result.exit_code == 0, result.output
+    for name in ("tiny-llama", "tiny-gemma3"):
+        assert (remote / name / "heads.csv").read_bytes() == (local / name / "heads.csv").read_bytes()
+        settings = json.loads((remote / name / "scan.json").read_text())["settings"]
+        assert settings["engine"] == "ray" and settings["dtype"] == "float32"
+    assert (remote / "atlas.csv").read_bytes() == (local / "atlas.csv").read_bytes()
+
+
+@pytest.mark.parametrize("plan, message", [([], "holds no work"), (["a", "b", "a"], "duplicate unit keys")])
+def test_the_ray_engine_refuses_an_empty_plan_or_repeated_keys(cluster, plan, message):
+    from headlab.engines.ray import RayEngine
+    from planned import with_plan
+
+    model = headlab.load_model("tiny-llama")
+    probe = with_plan(get_probe("detectors"), plan)
+    engine = RayEngine("tiny-llama", workers=1)
+    try:
+        with pytest.raises(headlab.InputError, match=message):
+            engine.run(probe, model, probe.params(seq_len=6, n_prompts=2), progress=False)
+    finally:
+        engine.close()
+
+
+def test_the_kv_evaluation_runs_on_the_cluster(cluster, tmp_path):
+    """`headlab kv --engine ray`: every test's answers and KV bytes equal the local run's (one test per worker)."""
+    runner = CliRunner()
+    scan = tmp_path / "scan"
+    assert runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors", "--quick", "--out",
+                               str(scan)]).exit_code == 0
+    args = ["kv", "tiny-llama", "--scores", str(scan), "--probe", "detectors", "--lengths", "200", "--tests", "2",
+            "--fractions", "0.5", "--max-new-tokens", "3", "--decode-threads", "1"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "local")]).exit_code == 0
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "remote"), "--engine", "ray", "--address",
+                                 cluster.address, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    from headlab.kv.evaluate import results_frame
+
+    same = ["key", "policy", "response", "n_generated", "kv_bytes", "kv_bytes_analytic"]
+    local, remote = (results_frame(tmp_path / name / "kv.tests.jsonl") for name in ("local", "remote"))
+    assert len(local) == 2 * 4 and remote[same].equals(local[same])

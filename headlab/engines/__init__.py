@@ -1,2 +1,3 @@
-"""Engines that run a probe's units somewhere other than this process (the local loop is the contract's own,
-headlab.probe.LocalEngine). They know the probe contract — plan, run, journal, merge — and no particular probe."""
+"""Where a plan's units run. `scheduler` is the one loop every engine shares (plan checks, journal, resume, progress,
+merge); `local` runs units in this process, `ray` on a Ray cluster. They know the probe contract — plan, run,
+journal, merge — and no particular probe."""

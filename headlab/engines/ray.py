@@ -24,9 +24,8 @@ from pathlib import Path
 
 from headlab import errors
 from headlab.errors import HeadlabError, InputError, PackageMissingError
-from headlab.journal import Journal
-from headlab.probe import Probe, Unit, as_json, merge, normalise
-from headlab.progress import progress_bar
+from headlab.engines.scheduler import Schedule, merge
+from headlab.probe import Probe, Unit, as_json, normalise
 
 PASSED_ENV = ("HEADLAB_PROBES", "HEADLAB_CACHE", "TRITON_INTERPRET", "HF_HUB_OFFLINE")  # what workers inherit
 
@@ -73,10 +72,8 @@ class UnitWorker:
         return {"ok": self.error is None, "error": self.error, "node": ray.util.get_node_ip_address(),
                 "pid": os.getpid()}
 
-    def run(self, probe_name: str, params: dict, key: str, data: dict):
-        from headlab.probes import get_probe
-
-        probe = get_probe(probe_name)
+    def run(self, probe, params: dict, key: str, data: dict):
+        """One unit of `probe` (the descriptor itself, sent by Ray: any object with Params and run)."""
         return as_json(probe.run(self.model, probe.Params(**normalise(params)), Unit(key, data)))
 
 
@@ -137,22 +134,28 @@ class RayEngine:
                     raise
                 time.sleep(0.5)
 
-    def run(self, probe: Probe, model, params, journal: str | Path | None = None, progress: bool = True):
+    def run(self, probe: Probe, model, params, journal: str | Path | None = None, progress: bool = True,
+            on_resume=None):
         """Plan here, run the units on the workers (journaled as they arrive), merge here -> HeadScores."""
+        schedule = Schedule(probe.name, probe.plan(model, params), probe.fingerprint(model, params), journal=journal,
+                            progress=progress, on_resume=on_resume)
+        try:
+            self.run_schedule(probe, params, schedule)
+        finally:
+            schedule.close()
+        return merge(probe, model, params, schedule.partials)
+
+    def run_schedule(self, probe, params, schedule: Schedule) -> None:
+        """Hand the schedule's units out, one at a time, to whichever worker is free, until every one finished."""
         from ray.exceptions import RayActorError, RayTaskError
 
-        units = probe.plan(model, params)
         self.retried = []
-        book = Journal(journal, probe.fingerprint(model, params)) if journal is not None else None
-        partials = book.resume() if book is not None else {}
-        partials = {key: value for key, value in partials.items() if key in {unit.key for unit in units}}
-        todo = deque(unit for unit in units if unit.key not in partials)
+        todo = deque(schedule.todo)
         payload = as_json(dataclasses.asdict(params))
+        probe_ref = self.ray.put(probe)
         idle = list(range(len(self.workers)))
         in_flight: dict = {}
         recovering: dict = {}  # ready() calls on workers that died, by future: idle again once they answer
-        bar = iter(progress_bar(range(len(todo)), f"{probe.name} on {len(self.workers)} Ray workers",
-                                disable=not progress))
         avoid: dict[str, int] = {}  # a unit whose worker died goes to another worker when one is free
         while todo or in_flight:
             while todo and idle:
@@ -160,7 +163,7 @@ class RayEngine:
                 others = [w for w in idle if w != avoid.get(unit.key)]
                 worker = (others or idle)[0]
                 idle.remove(worker)
-                future = self.workers[worker].run.remote(probe.name, payload, unit.key, unit.data)
+                future = self.workers[worker].run.remote(probe_ref, payload, unit.key, unit.data)
                 in_flight[future] = (worker, unit)
             ready, _ = self.ray.wait(list(in_flight) + list(recovering), num_returns=1)
             if ready[0] in recovering:
@@ -184,12 +187,7 @@ class RayEngine:
             except RayTaskError as error:  # the probe itself failed: as it would have here
                 raise error.as_instanceof_cause() from None
             idle.append(worker)
-            if book is not None:
-                book.append(unit.key, partial)
-            partials[unit.key] = partial
-            next(bar, None)
-        next(bar, None)
-        return merge(probe, model, params, partials)
+            schedule.finish(unit.key, partial)
 
     def close(self) -> None:
         """Stop the workers, and the cluster if this engine started it."""

@@ -4,9 +4,9 @@
     table = evaluate(model, [full(), streaming(), policy], task, journal="kv.jsonl")
     pareto_figure(table)
 
-A test is answered as the retrieval probe answers it (prompt minus its last token as the prefill, then greedy
-decoding from the last prompt token, at most 50 new tokens, stop at a newline or EOS) and counts as retrieved when
-the ROUGE-1 recall of the answer exceeds 0.5 (the probe's RETRIEVED_RECALL). The "multi" variant hides `distractors`
+A test is answered by the NIAH answer rule the retrieval probe uses (`headlab.niah.greedy_answer`: prompt minus its
+last token as the prefill, then greedy decoding from the last prompt token, at most MAX_NEW_TOKENS, stop at a newline
+or EOS) and counts as retrieved when the ROUGE-1 recall of the answer exceeds RETRIEVED_RECALL. The "multi" variant hides `distractors`
 other held-out needles at other depths of the same haystack and asks about one.
 
 No leakage: head scores are computed on headlab's own needles (datasets/needles.jsonl) over the first half of the
@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
+from headlab import niah
 from headlab.data import dataset_path
+from headlab.engines.scheduler import Schedule
 from headlab.errors import InputError
 from headlab.kv.cache import prefill, step
 from headlab.kv.policy import KVPolicy, full
-from headlab.probes import retrieval
-from headlab.progress import progress_bar
+from headlab.niah import MAX_NEW_TOKENS, NiahTask, NiahTest, answer_text, greedy_answer
+from headlab.probe import Unit
 
 VARIANTS = ("single", "multi")
-MAX_NEW_TOKENS = 50  # the retrieval probe's rule
 HELDOUT_NEEDLES = "needles_heldout.jsonl"
 
 
@@ -53,33 +54,33 @@ def haystack_half(part: int) -> str:
     return "\n\n".join(topics[key].strip() for key in half)
 
 
-def heldout_needles() -> list[retrieval.Needle]:
+def heldout_needles() -> list[niah.Needle]:
     """The evaluation needles (never used to score heads)."""
-    return retrieval.load_needles(dataset_path(HELDOUT_NEEDLES))
+    return niah.load_needles(dataset_path(HELDOUT_NEEDLES))
 
 
-def _task(needles, lengths, depths, part: int, seed: int) -> retrieval.NiahTask:
-    base = retrieval.niah_task(needles=needles, lengths=lengths, depths=depths, seed=seed)
+def _task(needles, lengths, depths, part: int, seed: int) -> NiahTask:
+    base = niah.niah_task(needles=needles, lengths=lengths, depths=depths, seed=seed)
     base.haystack = haystack_half(part)
     base.haystack_name = f"pydoc_data.topics, half {part}"
     return base
 
 
 def heldout_task(lengths=(4096, 8192), depths=(0.2, 0.5, 0.8), *, needles: int | None = None, seed: int = 1
-                 ) -> retrieval.NiahTask:
+                 ) -> NiahTask:
     """Evaluation grid: held-out needles (the first `needles` of them, default all) over the evaluation half."""
     chosen = heldout_needles()
     return _task(chosen[:needles] if needles else chosen, lengths, depths, 1, seed)
 
 
 def scoring_task(lengths=(4096,), depths=(0.2, 0.5, 0.8), *, needles: int | None = None, seed: int = 0
-                 ) -> retrieval.NiahTask:
+                 ) -> NiahTask:
     """Scoring grid: headlab's own needles over the scoring half (for choosing heads and settings)."""
-    chosen = retrieval.load_needles()
+    chosen = niah.load_needles()
     return _task(chosen[:needles] if needles else chosen, lengths, depths, 0, seed)
 
 
-def subsample(task: retrieval.NiahTask, n: int, seed: int = 0) -> list[retrieval.NiahTest]:
+def subsample(task: NiahTask, n: int, seed: int = 0) -> list[NiahTest]:
     """n tests of the task per length, spread over needles and depths (seeded)."""
     tests = task.tests()
     out = []
@@ -108,14 +109,14 @@ def _sentence_ends(model, ids: list[int]) -> list[bool]:
     return [bool(re.search(r"[.!?]\W*$", model.tokenizer.convert_tokens_to_string([p]))) for p in pieces]
 
 
-def build(model, task: retrieval.NiahTask, test: retrieval.NiahTest, variant: str = "single",
+def build(model, task: NiahTask, test: NiahTest, variant: str = "single",
           pool: list | None = None, distractors: int = 3) -> Prompt:
     """The test's prompt. "multi": `distractors` other needles of `pool` (seeded by the test) are placed at other
     depths of the document, each right after a sentence end; the prompt keeps `test.length` tokens."""
     if variant not in VARIANTS:
         raise InputError(f"unknown variant {variant!r}; use 'single' or 'multi'")
     if variant == "single":
-        prompt = retrieval.build_prompt(model, task, test)
+        prompt = niah.build_prompt(model, task, test)
         return Prompt(test.key, prompt.ids, test.needle.answer, test.needle.id, test.length, test.depth)
     others = [n for n in (pool or task.needles) if n.id != test.needle.id]
     if len(others) < distractors:
@@ -123,8 +124,8 @@ def build(model, task: retrieval.NiahTask, test: retrieval.NiahTest, variant: st
     rng = np.random.default_rng(_seed(test.key))
     chosen = [others[i] for i in rng.permutation(len(others))[:distractors]]
     pieces = [model.token_ids(" " + n.fact.format(answer=n.answer) + " ") for n in chosen]
-    shorter = retrieval.NiahTest(test.needle, test.length - sum(map(len, pieces)), test.depth, test.offset)
-    prompt = retrieval.build_prompt(model, task, shorter)
+    shorter = NiahTest(test.needle, test.length - sum(map(len, pieces)), test.depth, test.offset)
+    prompt = niah.build_prompt(model, task, shorter)
     ids = prompt.ids.tolist()
     doc_start, doc_end = prompt.document
     needle_start, needle_end = prompt.needle
@@ -154,33 +155,32 @@ def _seed(key: str) -> int:
 
 # ---- answering ----------------------------------------------------------------------------------------------
 
-DECODE_THREADS: int | None = None  # torch threads while decoding (None: unchanged); 1 helps on a busy small CPU
-
-
 @torch.no_grad()
-def _decode(model, cache, last_token: int, max_new_tokens: int) -> tuple[list[int], list[float]]:
-    stops, generated, times = retrieval.stop_token_ids(model), [], []
-    token = last_token
-    threads = torch.get_num_threads()
-    if DECODE_THREADS:
-        torch.set_num_threads(DECODE_THREADS)
-    try:
-        for _ in range(max_new_tokens):
-            start = time.perf_counter()
-            logits = step(model, cache, token)
-            times.append(time.perf_counter() - start)
-            token = int(logits.argmax())
-            generated.append(token)
-            if token in stops or "\n" in model.tokenizer.decode(generated[-1:]):
-                break
-    finally:
+def _decode(model, cache, last_token: int, max_new_tokens: int, threads: int | None = None
+            ) -> tuple[list[int], list[float]]:
+    """The NIAH answer under the cache's policy, and each step's seconds; `threads`: torch threads while decoding
+    (None: unchanged; 1 helps on a busy small CPU)."""
+    times = []
+
+    def timed_step(token: int) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = step(model, cache, token)
+        times.append(time.perf_counter() - start)
+        return logits
+
+    before = torch.get_num_threads()
+    if threads:
         torch.set_num_threads(threads)
+    try:
+        generated = greedy_answer(model, timed_step, last_token, max_new_tokens=max_new_tokens)
+    finally:
+        torch.set_num_threads(before)
     return generated, times
 
 
 def _row(model, policy: KVPolicy, prompt: Prompt, cache, generated, times, prefill_s: float, mode: str) -> dict:
-    response = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
-    recall = retrieval.rouge1_recall(prompt.answer, response)
+    response = answer_text(model, generated)
+    recall = niah.rouge1_recall(prompt.answer, response)
     n_prompt = len(prompt.ids)
     fed = n_prompt + len(generated) - 1  # the last generated token is never fed
     entry_bytes = 2 * model.d_head * torch.finfo(model.dtype).bits // 8
@@ -192,7 +192,7 @@ def _row(model, policy: KVPolicy, prompt: Prompt, cache, generated, times, prefi
         "policy": policy.name, "family": policy.family, "fraction": policy.fraction, "sink": policy.sink,
         "window": policy.window, "pinned": policy.pinned, "mode": mode, "length": prompt.length, "key": prompt.key,
         "needle": prompt.needle, "depth": prompt.depth, "n_tokens": n_prompt, "response": response, "recall": recall,
-        "retrieved": recall > retrieval.RETRIEVED_RECALL, "kv_bytes": measured, "kv_bytes_held": cache.kv_bytes_held(),
+        "retrieved": recall > niah.RETRIEVED_RECALL, "kv_bytes": measured, "kv_bytes_held": cache.kv_bytes_held(),
         "kv_bytes_analytic": int(analytic.sum()) * entry_bytes, "kv_bytes_full": reference,
         "kv_fraction": float(analytic.sum() * entry_bytes / reference), "kv_fraction_measured": measured / reference,
         "n_full": policy.n_full(model), "fed_tokens": fed, "prefill_s": prefill_s,
@@ -201,71 +201,85 @@ def _row(model, policy: KVPolicy, prompt: Prompt, cache, generated, times, prefi
     }
 
 
-def answer(model, policy: KVPolicy, prompt: Prompt, *, mode: str = "stream", max_new_tokens: int = 50,
-           chunk: int | None = None) -> dict:
+def answer(model, policy: KVPolicy, prompt: Prompt, *, mode: str = "stream", max_new_tokens: int = MAX_NEW_TOKENS,
+           chunk: int | None = None, threads: int | None = None) -> dict:
     """One test under one policy: a result row (response, recall, measured and analytic KV bytes, timings)."""
     start = time.perf_counter()
     cache = prefill(model, prompt.ids[:-1], policy, mode=mode, chunk=chunk)
     prefill_s = time.perf_counter() - start
-    generated, times = _decode(model, cache, int(prompt.ids[-1]), max_new_tokens)
+    generated, times = _decode(model, cache, int(prompt.ids[-1]), max_new_tokens, threads)
     return _row(model, policy, prompt, cache, generated, times, prefill_s, mode)
-
-
-# ---- the journal --------------------------------------------------------------------------------------------
-
-def _read_journal(path: Path, fingerprint: dict) -> dict:
-    if not path.exists() or not path.stat().st_size:
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        raise InputError(f"{path} is not a headlab kv journal") from None
-    if header.get("fingerprint") != fingerprint:
-        raise InputError(f"{path} holds results of another model, task or mode; remove it or choose another file")
-    done = {}
-    for line in lines[1:]:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line: that test runs again
-        done[(record["key"], record["policy"])] = record
-    return done
-
-
-def _append(path: Path, record: dict) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record, default=_jsonable) + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    raise TypeError(f"cannot write {type(value)} to the journal")
-
-
-def _truncate_torn(path: Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
 
-def evaluate_tests(model, policies: list[KVPolicy], task: retrieval.NiahTask, tests=None, *, variant: str = "single",
+@dataclass(frozen=True)
+class _NoParams:
+    """The evaluation's units need no parameters beyond the evaluation itself (engines pass an empty dict)."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The KV evaluation as a plan of units, one per test (every policy on it), for any engine of
+    headlab.engines: plan, run, fingerprint (the unit's partial is {"rows": [...]}, one row per policy)."""
+
+    policies: tuple[KVPolicy, ...]
+    task: NiahTask
+    tests: tuple[NiahTest, ...]
+    variant: str = "single"
+    distractors: int = 3
+    mode: str = "stream"
+    max_new_tokens: int = MAX_NEW_TOKENS
+    chunk: int | None = None
+    decode_threads: int | None = None
+    name: ClassVar[str] = "kv"
+    Params: ClassVar[type] = _NoParams
+
+    def plan(self, model, params=None) -> list[Unit]:
+        suffix = ":multi" if self.variant == "multi" else ""
+        return [Unit(test.key + suffix, {"index": i}) for i, test in enumerate(self.tests)]
+
+    def fingerprint(self, model, params=None) -> dict:
+        return {"model": model.name, "geometry": model.geometry, "variant": self.variant, "mode": self.mode,
+                "distractors": self.distractors if self.variant == "multi" else 0, **self.task.describe(),
+                "haystack_chars": len(self.task.haystack), "policies": [p.name for p in self.policies],
+                "max_new_tokens": self.max_new_tokens}
+
+    def run(self, model, params, unit: Unit) -> dict:
+        test = self.tests[unit.data["index"]]
+        prompt = build(model, self.task, test, self.variant, distractors=self.distractors)
+        if self.mode == "full":
+            observe = max([p.observe for p in self.policies if p.is_budget], default=0)
+            start = time.perf_counter()
+            shared = _exact_prefill(model, prompt.ids[:-1], observe)
+            prefill_s = time.perf_counter() - start
+        rows = []
+        for policy in self.policies:
+            if self.mode == "full":
+                cache = copy.deepcopy(shared)
+                if not policy.is_full:
+                    cache.evict(policy)
+                cache.observed = {}
+                generated, times = _decode(model, cache, int(prompt.ids[-1]), self.max_new_tokens,
+                                           self.decode_threads)
+                row = _row(model, policy, prompt, cache, generated, times, prefill_s, self.mode)
+                del cache
+            else:
+                row = answer(model, policy, prompt, mode=self.mode, max_new_tokens=self.max_new_tokens,
+                             chunk=self.chunk, threads=self.decode_threads)
+            row["variant"] = self.variant
+            row["distractors"] = ",".join(prompt.distractors)
+            rows.append(row)
+        return {"rows": rows}
+
+
+def evaluate_tests(model, policies: list[KVPolicy], task: NiahTask, tests=None, *, variant: str = "single",
                    distractors: int = 3, mode: str = "stream", journal: str | Path | None = None,
-                   max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None,
-                   progress: bool = True) -> pd.DataFrame:
-    """One row per (test, policy). With `journal`, each finished row is appended to that JSONL file and an
-    interrupted run resumes. mode "full" shares one exact prefill per test among all policies."""
+                   max_new_tokens: int = MAX_NEW_TOKENS, chunk: int | None = None, decode_threads: int | None = None,
+                   engine=None, progress: bool = True) -> pd.DataFrame:
+    """One row per (test, policy), through headlab's scheduler: with `journal`, each finished test (all its policies)
+    is journaled and an interrupted run resumes; `engine` a RayEngine runs the tests on its workers. mode "full"
+    shares one exact prefill per test among all policies."""
     if not policies:
         raise InputError("evaluate needs at least one policy")
     names = [p.name for p in policies]
@@ -273,51 +287,25 @@ def evaluate_tests(model, policies: list[KVPolicy], task: retrieval.NiahTask, te
         raise InputError(f"policy names must be unique, got {names}")
     if mode not in ("stream", "full"):
         raise InputError(f"unknown prefill mode {mode!r}; use 'stream' or 'full'")
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; use 'single' or 'multi'")
     tests = list(tests) if tests is not None else task.tests()
     too_long = [t.length for t in tests if t.length > model.n_ctx]
     if too_long:
         raise InputError(f"tests of {max(too_long)} tokens exceed {model.name}'s context of {model.n_ctx}")
-    path = Path(journal) if journal is not None else None
-    done: dict = {}
-    if path is not None:
-        fingerprint = {"model": model.name, "geometry": model.geometry, "variant": variant, "mode": mode,
-                       "distractors": distractors if variant == "multi" else 0, **task.describe()}
-        fingerprint["haystack_chars"] = len(task.haystack)
-        done = _read_journal(path, fingerprint)
-        if path.exists() and path.stat().st_size:
-            _truncate_torn(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _append(path, {"fingerprint": fingerprint})
-    rows = []
-    for test in progress_bar(tests, f"kv {variant}", disable=not progress):
-        prompt = build(model, task, test, variant, distractors=distractors)
-        todo = [p for p in policies if (prompt.key, p.name) not in done]
-        rows += [done[(prompt.key, p.name)] for p in policies if (prompt.key, p.name) in done]
-        if not todo:
-            continue
-        if mode == "full":
-            observe = max([p.observe for p in todo if p.is_budget], default=0)
-            start = time.perf_counter()
-            shared = _exact_prefill(model, prompt.ids[:-1], observe)
-            prefill_s = time.perf_counter() - start
-        for policy in todo:
-            if mode == "full":
-                cache = copy.deepcopy(shared)
-                if not policy.is_full:
-                    cache.evict(policy)
-                cache.observed = {}
-                generated, times = _decode(model, cache, int(prompt.ids[-1]), max_new_tokens)
-                row = _row(model, policy, prompt, cache, generated, times, prefill_s, mode)
-                del cache
-            else:
-                row = answer(model, policy, prompt, mode=mode, max_new_tokens=max_new_tokens, chunk=chunk)
-            row["variant"] = variant
-            row["distractors"] = ",".join(prompt.distractors)
-            if path is not None:
-                _append(path, row)
-            rows.append(row)
-    return pd.DataFrame(rows)
+    evaluation = Evaluation(tuple(policies), task, tuple(tests), variant, distractors, mode, max_new_tokens, chunk,
+                            decode_threads)
+    units = evaluation.plan(model)
+    schedule = Schedule(f"kv {variant}", units, evaluation.fingerprint(model), journal=journal, progress=progress)
+    try:
+        if engine is not None:
+            engine.run_schedule(evaluation, _NoParams(), schedule)
+        for unit in schedule.todo:
+            if unit.key not in schedule.partials:
+                schedule.finish(unit.key, evaluation.run(model, None, unit))
+    finally:
+        schedule.close()
+    return pd.DataFrame([row for unit in units for row in schedule.partials[unit.key]["rows"]])
 
 
 def _exact_prefill(model, ids, observe: int):
@@ -350,7 +338,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def evaluate(model, policies: list[KVPolicy], task: retrieval.NiahTask, tests=None, **kwargs) -> pd.DataFrame:
+def evaluate(model, policies: list[KVPolicy], task: NiahTask, tests=None, **kwargs) -> pd.DataFrame:
     """Summary table (policy, family, fraction, sink, window, length, accuracy, kv_bytes, kv_fraction,
     decode_ms_per_token, ...) of `evaluate_tests`; the per-test rows are in `.attrs['tests']`."""
     rows = evaluate_tests(model, policies, task, tests, **kwargs)
@@ -374,12 +362,14 @@ def pareto_figure(table: pd.DataFrame, title: str | None = None):
 
 
 def results_frame(path: str | Path) -> pd.DataFrame:
-    """Per-test rows of a journal written by evaluate_tests."""
+    """Per-test rows of a journal written by evaluate_tests (one line per test; journals of earlier versions held one
+    row per line)."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
     rows = []
     for line in lines:
         try:
-            rows.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break
+        rows += record["partial"]["rows"] if "partial" in record else [record]
     return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from headlab.probes import get_probe
 
 import headlab
 from headlab.engines.ray import RayEngine, import_ray
-from headlab.probe import run_local
+from headlab.engines.local import run_local
 
 
 def timed_ray(model_name, model, probe, params, workers: int, journal: Path) -> tuple[float, object, float]:
