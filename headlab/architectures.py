@@ -93,6 +93,14 @@ class Architecture:
         """A norm applied to the attention block's output before it joins the residual stream (Gemma3)."""
         return None
 
+    bridge_post_attention_norm: ClassVar[str | None] = None  # that norm's name in a TransformerLens bridge block
+
+    def bridge_post_attention_norm_name(self, layer: int) -> str | None:
+        """The bridge's hook prefix of the post-attention norm of `layer` (e.g. blocks.3.ln1_post), or None."""
+        if self.post_attention_norm(layer) is None or self.bridge_post_attention_norm is None:
+            return None
+        return f"blocks.{layer}.{self.bridge_post_attention_norm}"
+
     # ---- masks ---------------------------------------------------------------------------------------------------
     def sliding_window(self, layer: int) -> int | None:
         """Keys visible to a query in `layer`: None for full attention, else w (query i sees keys i-w+1..i)."""
@@ -124,6 +132,8 @@ class Gemma3(Architecture):
 
     def k_normed(self, layer: int) -> Projection:
         return Projection(self.attention(layer).k_norm, heads_first=True)
+
+    bridge_post_attention_norm = "ln1_post"
 
     def post_attention_norm(self, layer: int) -> nn.Module:
         return self.layers()[layer].post_attention_layernorm

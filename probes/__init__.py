@@ -16,6 +16,7 @@ from headlab.errors import InputError
 from headlab.probe import Probe
 
 _REGISTERED: dict[str, Probe] = {}
+_OWN: dict[str, Probe] | None = None
 PLUGINS_ENV = "HEADLAB_PROBES"  # comma-separated modules that define PROBE (or probes registered on import)
 
 
@@ -30,19 +31,20 @@ def register(probe: Probe) -> Probe:
 def probes() -> dict[str, Probe]:
     """Every probe: headlab's own (the PROBE of each module in headlab.probes), then the ones registered by
     `register`, by the modules named in $HEADLAB_PROBES, and by installed packages' "headlab.probes" entry points."""
-    found: dict[str, Probe] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not info.ispkg:
+    global _OWN
+    if _OWN is None:  # headlab's own modules and installed plugins: found once per process
+        _OWN = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
             probe = getattr(importlib.import_module(f"{__name__}.{info.name}"), "PROBE", None)
-            if isinstance(probe, Probe):
-                found[probe.name] = probe
+            if isinstance(probe, Probe):  # a module, or a package (patching) that defines PROBE
+                _OWN[probe.name] = probe
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group="headlab.probes"):
+            register(entry.load())
     for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         _load_plugin(module)
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="headlab.probes"):
-        register(entry.load())
-    everything = {**found, **_REGISTERED}
+    everything = {**_OWN, **_REGISTERED}
     return dict(sorted(everything.items(), key=lambda item: (item[1].order, item[0])))
 
 
