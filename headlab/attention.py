@@ -185,6 +185,11 @@ def _part_spans(call: Call, spans):
     return out
 
 
+def handlers() -> tuple[Handler, ...]:
+    """The handlers in force here, outermost first."""
+    return _stack.get()
+
+
 @contextmanager
 def pushed(model, handler: Handler) -> Iterator[Handler]:
     """Inside the block `model.hf` runs headlab's attention function with `handler` on top of the stack."""

@@ -82,7 +82,7 @@ def scan(
 ) -> None:
     """Run probes on a model and write heads.csv, scan.json and report.html."""
     try:
-        request = scan_request(model, probes, top=top, settings=set_, config=config, **options)
+        request = scan_request(model, probes, top=top, set_items=set_, config=config, **options)
         out = out or Path(f"scan-{Path(request['model']).name}")
         check_writable(out)
         results, failed = run_scan(request, out)
@@ -95,18 +95,17 @@ def scan(
         _fail(f"{len(failed)} probe(s) failed ({', '.join(failed)}); the report marks them")
 
 
-def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **given) -> dict:
+def scan_request(model, probes, *, top: int = 10, set_items=(), config=None, **options) -> dict:
     """Everything a scan needs, checked before any compute: model, probes, settings and each probe's Params."""
-    from headlab.loading import check_device, check_dtype
     from headlab.probes import get_probe
-    from headlab.settings import parse_setting
     from headlab.probes import probes as registry
+    from headlab.settings import parse_setting
 
     if top < 1:
         raise InputError(f"--top must be at least 1, got {top}")
     file = read_config(config) if config is not None else {}
-    values = ScanSettings.from_values({**file.get("settings", {}), **{k: file[k] for k in SCAN_SETTINGS if k in file},
-                                       **{k: v for k, v in given.items() if v is not None}})
+    settings = ScanSettings.from_values({**file.get("settings", {}), **{k: file[k] for k in SCAN_SETTINGS if k in file},
+                                       **{k: v for k, v in options.items() if v is not None}})
     model = model or file.get("model")
     if not model:
         raise InputError("give a model (a registry name, folder, GGUF file or hub id) or a --config that names one")
@@ -121,7 +120,7 @@ def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **gi
         if name not in names:
             raise InputError(f"the config sets parameters of {name!r}, which is not among the probes "
                              f"({', '.join(names)})")
-    for item in settings:
+    for item in set_items:
         key, sep, text = item.partition("=")
         probe_name, dot, field = key.strip().partition(".")
         if not sep or not dot:
@@ -135,12 +134,12 @@ def scan_request(model, probes, *, top: int = 10, settings=(), config=None, **gi
         fields = {f.name for f in dataclasses.fields(probe.Params)}
         chosen = dict(overrides[name])
         if "seed" in fields and "seed" not in chosen:
-            chosen["seed"] = values.seed
-        params[name] = probe.params(values.quick, **probe_values(probe, chosen))
-        if values.max_context < probe.min_context:
-            raise InputError(f"--max-context {values.max_context} is below what {name} needs "
+            chosen["seed"] = settings.seed
+        params[name] = probe.params(settings.quick, **probe_values(probe, chosen))
+        if settings.max_context < probe.min_context:
+            raise InputError(f"--max-context {settings.max_context} is below what {name} needs "
                              f"({probe.min_context} tokens)")
-    return {"model": model, "probes": names, "settings": values, "params": params}
+    return {"model": model, "probes": names, "settings": settings, "params": params}
 
 
 def probe_values(probe, values: dict) -> dict:
@@ -151,14 +150,19 @@ def probe_values(probe, values: dict) -> dict:
     return {key: check_value(probe.name, probe.Params, key, value) for key, value in values.items()}
 
 
-def read_config(path: Path) -> dict:
-    """A scan config: TOML (.toml) or JSON (a scan folder's scan.json); InputError names unknown keys."""
+def read_file(path: Path) -> dict:
+    """A config file's contents: TOML (.toml) or JSON; InputError when it is missing or cannot be read."""
     if not path.is_file():
         raise InputError(f"config {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        return tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"config {path} cannot be read: {error}") from None
+
+
+def read_config(path: Path) -> dict:
+    """A scan config: TOML (.toml) or JSON (a scan folder's scan.json); InputError names unknown keys."""
+    data = read_file(path)
     if path.name == "scan.json":  # a finished scan: re-run what it ran, with its full parameters
         data = {"model": data.get("model"), "probes": data.get("probes"), "params": data.get("params", {}),
                 "settings": {k: v for k, v in data.get("settings", {}).items() if k in SCAN_SETTINGS}}
@@ -187,7 +191,7 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
     params = {}
     for name in request["probes"]:
         probe = get_probe(name)
-        params[name] = probe.fit(request["params"][name], model, settings.max_context)
+        params[name] = probe.fit_context(request["params"][name], model, settings.max_context)
         probe.check(model, params[name])
     console.print(f"{model}  (loaded in {model.load_info.seconds:.1f} s)")
     partial = out.with_name(f".{out.name}.partial")  # the journals of an unfinished scan
@@ -298,7 +302,7 @@ def sweep(
     from headlab.loading import check_model_name
 
     try:
-        requests = {name: scan_request(name, probes, settings=set_, config=config, **options) for name in models_}
+        requests = {name: scan_request(name, probes, set_items=set_, config=config, **options) for name in models_}
         for name in models_:
             check_model_name(name)
         folders = {name: out / Path(name).name for name in models_}
@@ -322,7 +326,7 @@ def run_sweep(requests: dict, folders: dict):
 
     from headlab.report import load_results
 
-    def one(name):
+    def scan_one(name):
         run_scan(requests[name], folders[name])
         return load_results(folders[name])
 
@@ -331,7 +335,7 @@ def run_sweep(requests: dict, folders: dict):
     if settings.engine != "ray":
         for name in requests:
             try:
-                scans[name] = one(name)
+                scans[name] = scan_one(name)
             except HeadlabError as error:
                 failed[name] = str(error)
         return scans, failed
@@ -344,7 +348,7 @@ def run_sweep(requests: dict, folders: dict):
                 {"num_cpus": settings.workers * settings.threads_per_worker}))
     try:
         with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            futures = {name: pool.submit(one, name) for name in requests}
+            futures = {name: pool.submit(scan_one, name) for name in requests}
             for name, future in futures.items():
                 try:
                     scans[name] = future.result()
@@ -449,12 +453,7 @@ def kv_request(model, scores, settings: list[str], config: Optional[Path], optio
 
     file = {}
     if config is not None:
-        if not config.is_file():
-            raise InputError(f"config {config} does not exist")
-        try:
-            file = tomllib.loads(config.read_text()) if config.suffix == ".toml" else json.loads(config.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"config {config} cannot be read: {error}") from None
+        file = read_file(config)
         unknown = sorted(set(file) - {"model", "scores", "settings", "policies", "evaluation", "summary"})
         if unknown:
             raise InputError(f"config {config} has unknown key(s) {', '.join(unknown)}; the keys are model, scores "

@@ -12,7 +12,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +44,6 @@ class LoadInfo:
     cached: bool
     seconds: float
     peak_rss_gb: float
-    notes: list[str] = field(default_factory=list)
 
 
 

@@ -4,7 +4,7 @@ A probe is one file in `probes/` that defines a `Probe` subclass and an instance
 
     @dataclass(frozen=True)
     class Params:                        # every parameter, with its default (recorded in meta and scan.json)
-        seq_len: int = 50
+        seq_len: int = constrained(50, at_least=2)     # constraints declared beside the default, checked once
         seed: int = 0
 
     class Detectors(Probe):
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 from headlab.errors import InputError, UnsupportedModelError
-from headlab.settings import type_name
+from headlab.settings import check_constraints, type_name
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,25 @@ class Probe:
             raise InputError(f"{self.name} has no parameter {', '.join(unknown)}; its parameters are "
                              f"{', '.join(sorted(fields))}")
         values = {**(self.quick if quick else {}), **overrides}
-        return self.check_params(self.Params(**{k: normalise(v) for k, v in values.items()}))
+        params = self.Params(**{k: normalise(v) for k, v in values.items()})
+        check_constraints(params, lambda field: f"{self.name}.{field}")
+        return self.check_params(params)
 
     def check_params(self, params):
-        """InputError for values no run could use (subclasses check their own); returns params."""
+        """InputError for values no run could use beyond the constraints declared on Params' fields
+        (`headlab.settings.constrained`: choices, at_least, between), which `params` checks first; returns params."""
+        return params
+
+    def fit_context(self, params, model, max_context: int):
+        """Params adapted to a model and the longest prompt allowed (e.g. lengths above the context dropped);
+        InputError when nothing fits."""
+        if type(self).fit is not Probe.fit:  # a probe written against the earlier name, `fit`
+            return self.fit(params, model, max_context)
         return params
 
     def fit(self, params, model, max_context: int):
-        """Params adapted to a model and a longest prompt (e.g. lengths above the context dropped); InputError when
-        nothing fits."""
-        return params
+        """The earlier name of `fit_context` (still honoured when a probe overrides it)."""
+        return self.fit_context(params, model, max_context)
 
     def check(self, model, params) -> None:
         """UnsupportedModelError before any compute when the probe cannot run on this model."""

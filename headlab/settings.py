@@ -8,7 +8,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from headlab.errors import InputError
 
@@ -93,37 +93,65 @@ def type_name(annotation) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _option(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
+ENGINES = ("local", "ray")
+
+
+def constrained(default, *, choices: tuple | None = None, at_least: float | None = None,
+                between: tuple[float, float] | None = None, help: str | None = None):
+    """A dataclass field with its constraints declared beside its default (checked once, by `check_constraints`):
+    `choices` it must be one of, `at_least` a lower bound, `between` an inclusive range; a tuple value is checked
+    item by item, None (an optional field left unset) passes."""
+    metadata = {key: value for key, value in (("choices", choices), ("at_least", at_least), ("between", between),
+                                               ("help", help)) if value is not None}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_constraints(instance, label: Callable[[str], str]) -> None:
+    """InputError (one sentence) for the first field of `instance` outside its declared constraints; `label(name)`
+    names the field as the user wrote it (e.g. --max-new-tokens, or retrieval.lengths)."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if value is None or not {"choices", "at_least", "between"} & set(f.metadata):
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            if "choices" in f.metadata and item not in f.metadata["choices"]:
+                raise InputError(f"{label(f.name)} must be one of {', '.join(map(str, f.metadata['choices']))}, got "
+                                 f"{item!r}")
+            if "at_least" in f.metadata and item < f.metadata["at_least"]:
+                raise InputError(f"{label(f.name)} must be at least {f.metadata['at_least']}, got {item}")
+            if "between" in f.metadata and not f.metadata["between"][0] <= item <= f.metadata["between"][1]:
+                low, high = f.metadata["between"]
+                raise InputError(f"{label(f.name)} must lie in [{low}, {high}], got {item}")
+
+
+def option_label(name: str) -> str:
+    """A settings field as its command-line option: max_new_tokens -> --max-new-tokens."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class ScanSettings:
     """How a scan (and each scan of a sweep) runs: one typed object, from options, a config file or scan.json."""
 
-    seed: int = _option(0, "seed of every probe that draws at random")
-    max_context: int = _option(4096, "longest prompt any probe may build, in tokens")
-    device: str = _option("cpu", "cpu, cuda or cuda:N")
-    dtype: Optional[str] = _option(None, "float32, float16 or bfloat16 (default: the checkpoint's, fp32 here)")
-    device_map: Optional[str] = _option(None, "accelerate device map for models bigger than one device: auto, or a "
-                                              "JSON object {module: device}")
-    quick: bool = _option(False, "each probe's quick profile: fewer, shorter prompts")
-    engine: str = _option("local", "local or ray")
-    address: Optional[str] = _option(None, "Ray cluster: auto or HOST:PORT (default: a local cluster)")
-    workers: int = _option(2, "Ray workers, each loading the model once")
-    threads_per_worker: int = _option(1, "CPU threads (num_cpus) per Ray worker")
-    threads: Optional[int] = _option(None, "torch threads of a local scan (default: torch's); a table is "
-                                           "bit-identical across engines at equal threads per process")
+    seed: int = constrained(0, help="seed of every probe that draws at random")
+    max_context: int = constrained(4096, at_least=1, help="longest prompt any probe may build, in tokens")
+    device: str = constrained("cpu", help="cpu, cuda or cuda:N")
+    dtype: Optional[str] = constrained(None, help="float32, float16 or bfloat16 (default: the checkpoint's, fp32 here)")
+    device_map: Optional[str] = constrained(None, help="accelerate device map for models bigger than one device: "
+                                                       "auto, or a JSON object {module: device}")
+    quick: bool = constrained(False, help="each probe's quick profile: fewer, shorter prompts")
+    engine: str = constrained("local", choices=ENGINES, help="local or ray")
+    address: Optional[str] = constrained(None, help="Ray cluster: auto or HOST:PORT (default: a local cluster)")
+    workers: int = constrained(2, at_least=1, help="Ray workers, each loading the model once")
+    threads_per_worker: int = constrained(1, at_least=1, help="CPU threads (num_cpus) per Ray worker")
+    threads: Optional[int] = constrained(None, at_least=1, help="torch threads of a local scan (default: torch's); a "
+                                                                "table is bit-identical across engines at equal "
+                                                                "threads per process")
 
     def __post_init__(self):
         from headlab.loading import check_device, check_dtype
 
-        for key in ("workers", "threads_per_worker", "threads"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise InputError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-        if self.engine not in ENGINES:
-            raise InputError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
+        check_constraints(self, option_label)
         check_device(self.device)
         check_dtype(self.dtype)
 
@@ -133,5 +161,4 @@ class ScanSettings:
         return cls(**{key: check_value(where, cls, key, value) for key, value in values.items()})
 
 
-ENGINES = ("local", "ray")
 SCAN_SETTINGS = tuple(f.name for f in dataclasses.fields(ScanSettings))

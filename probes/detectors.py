@@ -208,7 +208,7 @@ class Detectors(Probe):
             raise InputError("detectors need seq_len >= 2, n_prompts >= 1 and batch_size >= 1")
         return params
 
-    def fit(self, params, model, max_context):
+    def fit_context(self, params, model, max_context):
         longest = max(2, (min(max_context, model.n_ctx) - 1) // 2)
         if max_context < self.min_context:
             raise InputError(f"the detectors probe needs prompts of at least {self.min_context} tokens; "

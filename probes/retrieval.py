@@ -197,7 +197,7 @@ class Retrieval(Probe):
         self.task(params)  # every check of the task, before any compute
         return params
 
-    def fit(self, params, model, max_context):
+    def fit_context(self, params, model, max_context):
         limit = min(max_context, model.n_ctx)
         if limit < self.min_context:
             raise InputError(f"the retrieval probe needs prompts of at least {self.min_context} tokens; "

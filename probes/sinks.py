@@ -151,7 +151,7 @@ class Sinks(Probe):
             raise InputError("sinks.scan got no texts")
         return params
 
-    def fit(self, params, model, max_context):
+    def fit_context(self, params, model, max_context):
         n_tokens = min(params.n_tokens, max_context, model.n_ctx)
         if n_tokens < self.min_context:
             raise InputError(f"the sinks probe needs windows of at least {self.min_context} tokens; "

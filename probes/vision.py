@@ -270,7 +270,7 @@ class Vision(Probe):
             raise InputError("vision prompts must be 'auto' or a non-empty list of {ids, span, pixel_values}")
         return params
 
-    def fit(self, params, model, max_context):
+    def fit_context(self, params, model, max_context):
         length = min(max_context, model.n_ctx, params.document_length)
         if params.prompts == "auto" and not model.is_multimodal and length < self.min_context:
             raise InputError(f"the vision probe's document prompts need at least {self.min_context} tokens; "

@@ -39,7 +39,7 @@ def test_rerun_resumes_from_the_journal_and_report_rerenders(tmp_path):
     from headlab.engines.local import run_units
 
     model, probe = headlab.load_model("tiny-llama"), get_probe("detectors")
-    params = probe.fit(probe.params(quick=True), model, 4096)
+    params = probe.fit_context(probe.params(quick=True), model, 4096)
     journal = tmp_path / ".scan.partial" / "detectors.journal.jsonl"  # as an interrupted run leaves it
     run_units(probe, model, params, probe.plan(model, params)[:1], journal=journal, progress=False)
     first = (out / "heads.csv").read_bytes()

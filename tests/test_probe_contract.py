@@ -214,8 +214,8 @@ def test_set_takes_lists_and_the_users_own_files(tmp_path):
                                          "answer": i % 3}) + "\n" for i in range(6)))
     from headlab.cli import scan_request
 
-    request = scan_request("tiny-llama", "retrieval,qk", settings=["retrieval.lengths=2048,4096",
-                                                                   f"retrieval.needles={needles}", f"qk.items={items}"])
+    request = scan_request("tiny-llama", "retrieval,qk", set_items=["retrieval.lengths=2048,4096",
+                                                                    f"retrieval.needles={needles}", f"qk.items={items}"])
     assert request["params"]["retrieval"].lengths == (2048, 4096)
     assert request["params"]["retrieval"].needles == str(needles) and request["params"]["qk"].items == str(items)
     assert [t.needle.id for t in get_probe("retrieval").task(request["params"]["retrieval"]).tests()] == ["lamp"] * 6
@@ -273,3 +273,48 @@ def test_a_probe_from_outside_runs_through_the_cli(tmp_path, monkeypatch):
     expected = sum(model.run_with_cache(model.to_tokens(text))[1].stack_activation("pattern")[:, 0]
                    .diagonal(dim1=-2, dim2=-1).double().mean(-1) for text in texts) / len(texts)  # [layer, head]
     assert torch.equal(torch.tensor(heads["self_attention"].to_numpy()).view(model.n_layers, model.n_heads), expected)
+
+
+def test_constraints_declared_on_params_fields_are_checked_once():
+    from dataclasses import dataclass
+
+    from headlab.settings import check_constraints, constrained
+
+    with pytest.raises(headlab.InputError, match=r"^patching\.corruption must be one of swap, names, got 'nope'$"):
+        get_probe("patching").params(corruption="nope")
+
+    @dataclass(frozen=True)
+    class Params:
+        mode: str = constrained("a", choices=("a", "b"))
+        n: int = constrained(1, at_least=1)
+        fractions: tuple = constrained((0.5,), between=(0, 1))
+        limit: int | None = constrained(None, at_least=0)
+
+    label = "p.{}".format
+    check_constraints(Params(), label)  # the defaults, and None for an unset optional field, pass
+    check_constraints(Params(mode="b", n=1, fractions=(0, 1), limit=0), label)  # the bounds are inclusive
+    for bad, says in [({"mode": "c"}, "p.mode must be one of a, b, got 'c'"), ({"n": 0}, "p.n must be at least 1"),
+                      ({"fractions": (0.5, 1.5)}, r"p.fractions must lie in \[0, 1\], got 1.5"),
+                      ({"limit": -1}, "p.limit must be at least 0")]:
+        with pytest.raises(headlab.InputError, match=says):
+            check_constraints(Params(**bad), label)
+
+
+def test_fit_context_honours_a_probe_written_against_fit():
+    """`fit` is the earlier name of `fit_context`: a probe overriding either adapts its Params through both."""
+    detectors = get_probe("detectors")
+    model = headlab.load_model("tiny-llama")  # 256 positions: seq_len 200 needs 2 x 200 + 1
+    params = detectors.params(seq_len=200)
+    assert detectors.fit_context(params, model, 4096) == detectors.fit(params, model, 4096) != params
+
+    from dataclasses import replace
+
+    from headlab.probe import Probe
+
+    class Old(type(detectors)):
+        fit_context = Probe.fit_context  # as a probe written before the rename: only `fit` is its own
+
+        def fit(self, params, model, max_context):
+            return replace(params, seq_len=7)
+
+    assert Old().fit_context(params, model, 4096).seq_len == 7 and Old().fit(params, model, 4096).seq_len == 7

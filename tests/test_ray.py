@@ -69,7 +69,7 @@ def nodes_of(engine) -> set[str]:
 @pytest.mark.parametrize("probe_name", ["retrieval", "patching"])
 def test_ray_tables_equal_the_local_engine(probe_name, smollm2, smollm2_engine, tmp_path):
     probe = get_probe(probe_name)
-    params = probe.fit(probe.params(quick=True), smollm2, 4096)
+    params = probe.fit_context(probe.params(quick=True), smollm2, 4096)
     local = local_run(probe, smollm2, params)
     remote = smollm2_engine.run(probe, smollm2, params, journal=tmp_path / "journal.jsonl", progress=False)
     assert remote.frame.equals(local.frame)
@@ -79,7 +79,7 @@ def test_ray_tables_equal_the_local_engine(probe_name, smollm2, smollm2_engine, 
 @pytest.mark.real
 def test_a_killed_worker_loses_nothing_and_counts_nothing_twice(smollm2, smollm2_engine, tmp_path):
     probe = get_probe("retrieval")
-    params = probe.fit(probe.params(quick=True, needles=4), smollm2, 4096)  # 8 NIAH tests of a few seconds each
+    params = probe.fit_context(probe.params(quick=True, needles=4), smollm2, 4096)  # 8 NIAH tests of a few seconds each
     journal = tmp_path / "journal.jsonl"
     result = {}
     thread = threading.Thread(target=lambda: result.update(

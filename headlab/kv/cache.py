@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from headlab.attention import Call, Splitter, pushed
+from headlab.attention import Call, Splitter, handlers, pushed
 from headlab.errors import InputError
 from headlab.kernels import visible_keys
 from headlab.kv.policy import KVPolicy, full, long_layers
@@ -394,7 +394,11 @@ def _measure_far(cache: PolicyCache, layer: int, scores: torch.Tensor) -> None:
 
 @contextmanager
 def applying(model, cache: PolicyCache) -> Iterator[PolicyCache]:
-    """Inside the block `model.hf` forwards given `cache=cache` run under its policy (on the attention seam)."""
+    """Inside the block `model.hf` forwards given `cache=cache` run under its policy (on the attention seam); inside
+    a block that already applies `cache` (a decoding loop around `step`), nothing more is pushed."""
+    if any(isinstance(h, _PolicyHandler) and h.cache is cache for h in handlers()):
+        yield cache
+        return
     with pushed(model, _PolicyHandler(cache)):
         yield cache
 

@@ -31,7 +31,7 @@ from headlab import niah
 from headlab.data import dataset_path
 from headlab.engines.scheduler import Schedule
 from headlab.errors import InputError
-from headlab.kv.cache import prefill, step
+from headlab.kv.cache import applying, prefill, step
 from headlab.kv.policy import KVPolicy, full
 from headlab.niah import MAX_NEW_TOKENS, NiahTask, NiahTest, answer_text, greedy_answer
 from headlab.probe import Unit
@@ -172,7 +172,8 @@ def _decode(model, cache, last_token: int, max_new_tokens: int, threads: int | N
     if threads:
         torch.set_num_threads(threads)
     try:
-        generated = greedy_answer(model, timed_step, last_token, max_new_tokens=max_new_tokens)
+        with applying(model, cache):  # once around the loop, not at every step
+            generated = greedy_answer(model, timed_step, last_token, max_new_tokens=max_new_tokens)
     finally:
         torch.set_num_threads(before)
     return generated, times

@@ -17,55 +17,44 @@ from typing import Optional
 
 from headlab.errors import InputError
 from headlab.niah import MAX_NEW_TOKENS
-from headlab.settings import ENGINES, check_value
-
-
-def _option(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
+from headlab.settings import ENGINES, check_constraints, check_value, constrained, option_label
 
 
 @dataclass(frozen=True)
 class KVSettings:
     """Everything a `headlab kv` run takes besides the model and the scores; checked once, on construction."""
 
-    probe: str = _option("retrieval", "which probe's scores rank the KV heads")
-    column: str = _option("score", "the scores' column that ranks the KV heads (a scan's heads.csv: e.g. retrieval)")
-    aggregate: str = _option("max", "max or mean over the query heads of a KV group (GQA)")
-    fractions: tuple[float, ...] = _option((0.25, 0.5, 0.75), "comma-separated fractions of KV heads kept full")
-    sink: int = _option(4, "first positions every streaming head keeps")
-    window: int = _option(128, "last positions every streaming head keeps")
-    lengths: tuple[int, ...] = _option((2048,), "comma-separated prompt lengths in tokens")
-    tests: int = _option(8, "held-out NIAH tests per length")
-    variant: str = _option("single", "single (one needle) or multi (distractor needles, one asked)")
-    mode: str = _option("stream", "stream (policy from the first token) or full (exact prefill, then evict)")
-    seed: int = _option(0, "seed of the random-head control")
-    max_new_tokens: int = _option(MAX_NEW_TOKENS, "longest answer, in tokens (the NIAH answer rule's)")
-    device: str = _option("cpu", "cpu or cuda")
-    decode_threads: Optional[int] = _option(None, "torch threads while decoding (default: unchanged)")
-    engine: str = _option("local", "local or ray (the tests run on Ray workers)")
-    address: Optional[str] = _option(None, "Ray cluster: auto or HOST:PORT (default: a local cluster)")
-    workers: int = _option(2, "Ray workers, each loading the model once")
-    threads_per_worker: int = _option(1, "CPU threads (num_cpus) per Ray worker")
-
-    CHOICES = {"aggregate": ("max", "mean"), "variant": ("single", "multi"), "mode": ("stream", "full"),
-               "engine": ENGINES}
-    AT_LEAST = {"tests": 1, "max_new_tokens": 1, "sink": 0, "window": 1, "workers": 1, "threads_per_worker": 1,
-                "decode_threads": 1}
+    probe: str = constrained("retrieval", help="which probe's scores rank the KV heads")
+    column: str = constrained("score", help="the scores' column that ranks the KV heads (a scan's heads.csv: e.g. "
+                                            "retrieval)")
+    aggregate: str = constrained("max", choices=("max", "mean"), help="max or mean over the query heads of a KV "
+                                                                      "group (GQA)")
+    fractions: tuple[float, ...] = constrained((0.25, 0.5, 0.75), between=(0, 1),
+                                               help="comma-separated fractions of KV heads kept full")
+    sink: int = constrained(4, at_least=0, help="first positions every streaming head keeps")
+    window: int = constrained(128, at_least=1, help="last positions every streaming head keeps")
+    lengths: tuple[int, ...] = constrained((2048,), at_least=1, help="comma-separated prompt lengths in tokens")
+    tests: int = constrained(8, at_least=1, help="held-out NIAH tests per length")
+    variant: str = constrained("single", choices=("single", "multi"),
+                               help="single (one needle) or multi (distractor needles, one asked)")
+    mode: str = constrained("stream", choices=("stream", "full"),
+                            help="stream (policy from the first token) or full (exact prefill, then evict)")
+    seed: int = constrained(0, help="seed of the random-head control")
+    max_new_tokens: int = constrained(MAX_NEW_TOKENS, at_least=1, help="longest answer, in tokens (the NIAH answer "
+                                                                       "rule's)")
+    device: str = constrained("cpu", help="cpu or cuda")
+    decode_threads: Optional[int] = constrained(None, at_least=1, help="torch threads while decoding (default: "
+                                                                       "unchanged)")
+    engine: str = constrained("local", choices=ENGINES, help="local or ray (the tests run on Ray workers)")
+    address: Optional[str] = constrained(None, help="Ray cluster: auto or HOST:PORT (default: a local cluster)")
+    workers: int = constrained(2, at_least=1, help="Ray workers, each loading the model once")
+    threads_per_worker: int = constrained(1, at_least=1, help="CPU threads (num_cpus) per Ray worker")
 
     def __post_init__(self):
-        for key, choices in self.CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise InputError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}, got "
-                                 f"{getattr(self, key)!r}")
-        for key, least in self.AT_LEAST.items():
-            value = getattr(self, key)
-            if value is not None and value < least:
-                raise InputError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
         for key in ("fractions", "lengths"):
             if not getattr(self, key):
                 raise InputError(f"--{key} is empty")
-        if any(not 0 <= f <= 1 for f in self.fractions):
-            raise InputError(f"--fractions must lie in [0, 1], got {','.join(map(str, self.fractions))}")
+        check_constraints(self, option_label)
 
     @classmethod
     def from_values(cls, values: dict) -> "KVSettings":

@@ -12,6 +12,7 @@ from headlab.probe import Probe, Unit, iter_partials
 from headlab.probes.patching.methods import PatchResult, activation_patch, attribution_patch, direct_logit_attribution
 from headlab.probes.patching.tasks import IOI_NAMES, PatchingTask, ioi_task, mcqa_task
 from headlab.scores import HeadScores
+from headlab.settings import constrained
 from headlab.stats import agreement
 from headlab.tasks import load_mcqa
 
@@ -26,7 +27,7 @@ class Params:
     n: int = 16
     seed: int = 0
     template: int = 0
-    corruption: str = "swap"
+    corruption: str = constrained("swap", choices=("swap", "names"))
     names: tuple[str, ...] = IOI_NAMES
     items: str = "mcqa_stated.jsonl"
     memory_budget: int = 2**30
@@ -58,8 +59,6 @@ class Patching(Probe):
     def check_params(self, params):
         if not (isinstance(params.task, dict) or params.task in ("ioi", "mcqa")):
             raise InputError(f"task must be 'ioi', 'mcqa' or a clean/corrupted pair, got {params.task!r}")
-        if params.corruption not in ("swap", "names"):
-            raise InputError(f"corruption must be 'swap' or 'names', got {params.corruption!r}")
         return params
 
     def task(self, model, params) -> PatchingTask:

@@ -49,7 +49,7 @@ def main() -> None:
 
     model = headlab.load_model("smollm2-135m")
     probe = get_probe("retrieval")
-    params = probe.fit(probe.params(quick=True, needles=4), model, 4096)
+    params = probe.fit_context(probe.params(quick=True, needles=4), model, 4096)
     assert len(probe.plan(model, params)) == 8
     one, table_one, setup_one = timed_ray("smollm2-135m", model, probe, params, 1, folder / "one.jsonl")
     two, table_two, setup_two = timed_ray("smollm2-135m", model, probe, params, 2, folder / "two.jsonl")
