@@ -110,6 +110,11 @@ def dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     """transformers attention function: [b, h, n, d] q, [b, kv, n, d] k/v -> ([b, n, h, d], None)."""
     layer = Architecture.layer_index(module)
     handlers = [h for h in _stack.get() if h.covers(layer)]
+    if not handlers:  # nothing to do here: transformers' SDPA, as without headlab
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **_optional(sliding_window=sliding_window, softcap=softcap), **kwargs)
     call = Call(module, layer, query, key, value, attention_mask, scaling, softcap, sliding_window,
                 getattr(module, "is_causal", True), {"dropout": dropout, **kwargs})
     return _run(call, handlers), None
@@ -129,19 +134,18 @@ def _run(call: Call, handlers: list[Handler]) -> torch.Tensor:
     return sdpa(call)
 
 
+def _optional(**values) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def sdpa(call: Call) -> torch.Tensor:
     """The call without headlab: transformers' SDPA path for a whole layer, SDPA over the part's keys for a part ->
     [b, n, h, d]."""
     if call.key_pos is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        extra = dict(call.options)
-        if call.window is not None:
-            extra["sliding_window"] = call.window
-        if call.softcap is not None:
-            extra["softcap"] = call.softcap
         return sdpa_attention_forward(call.module, call.query, call.key, call.value, call.mask, scaling=call.scaling,
-                                      **extra)[0]
+                                      **_optional(sliding_window=call.window, softcap=call.softcap), **call.options)[0]
     group = call.query.shape[1] // call.key.shape[1]
     keys, values = call.key.repeat_interleave(group, 1), call.value.repeat_interleave(group, 1)
     if call.softcap is None:

@@ -310,6 +310,13 @@ class _PolicyHandler(Splitter):
     def __init__(self, cache: "PolicyCache"):
         self.cache = cache
 
+    def covers(self, layer: int) -> bool:
+        """A layer of full heads needs the policy only to observe or measure its prefill."""
+        cache = self.cache
+        entry = cache.layers[layer] if layer is not None and layer < len(cache.layers) else None
+        return isinstance(entry, PolicyLayer) or (layer in cache._long and (bool(cache.observe)
+                                                                            or cache.measure is not None))
+
     def split(self, call: Call, attend) -> torch.Tensor:
         cache = self.cache
         entry = cache.layers[call.layer] if call.layer is not None and call.layer < len(cache.layers) else None
@@ -394,12 +401,16 @@ def _measure_far(cache: PolicyCache, layer: int, scores: torch.Tensor) -> None:
 
 @contextmanager
 def applying(model, cache: PolicyCache) -> Iterator[PolicyCache]:
-    """Inside the block `model.hf` forwards given `cache=cache` run under its policy (on the attention seam); inside
-    a block that already applies `cache` (a decoding loop around `step`), nothing more is pushed."""
-    if any(isinstance(h, _PolicyHandler) and h.cache is cache for h in handlers()):
+    """Inside the block `model.hf` forwards given `cache=cache` run under its policy (on the attention seam). A cache
+    of full heads only that neither observes nor measures needs nothing from the seam: the model then runs exactly as
+    without headlab (the `full` policy costs what the plain model costs). Inside a block that already applies `cache`
+    (a decoding loop around `step`), nothing more is pushed."""
+    handler = _PolicyHandler(cache)
+    if (not any(handler.covers(layer) for layer in range(len(cache.layers)))
+            or any(isinstance(h, _PolicyHandler) and h.cache is cache for h in handlers())):
         yield cache
         return
-    with pushed(model, _PolicyHandler(cache)):
+    with pushed(model, handler):
         yield cache
 
 

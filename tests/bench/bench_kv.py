@@ -6,13 +6,15 @@ Policies: the plain model (transformers' DynamicCache, SDPA), `full` through hea
 and the top 50% and 25% of KV heads by the committed retrieval scores kept full with sink 4 + window 128 for the rest.
 Each policy gets the same prompt (a window of the evaluation half of the haystack) and an exact prefill followed by
 eviction (so the prefill is shared in cost, not measured), then `--steps` greedy decoding steps; the first `--warmup`
-steps are not timed. Reported: median and mean ms per decoding step, KV bytes held by the cache tensors (measured on
+steps are not timed. Every cache decodes once per round (`--rounds`), each time from a fresh copy, so drift on a
+shared machine falls on all of them; each reports the median over rounds of its median step. Reported: median and mean ms per decoding step, KV bytes held by the cache tensors (measured on
 the cache object) and the analytic count, and each policy's ratios against `full`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="every cache decodes once per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -67,42 +70,55 @@ def main() -> None:
     start = time.perf_counter()
     shared = ev._exact_prefill(model, ids[:-1], 0)
     prefill_s = time.perf_counter() - start
-    rows = []
-
-    # the plain model, for the overhead of headlab's cache path
     plain = DynamicCache(config=model.hf.config)
     with torch.no_grad():
         model.hf.base_model(input_ids=ids[None, :-1], cache=plain, use_cache=True)
 
-    def plain_step(token):
-        return model.hf(input_ids=torch.tensor([[token]]), cache=plain, use_cache=True).logits[0, -1]
+    def plain_step(cache):
+        return lambda token: model.hf(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
 
-    times = decode_times(model, plain_step, int(ids[-1]), args.steps)[args.warmup:]
-    plain_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in plain.layers)
-    rows.append({"policy": "plain (transformers DynamicCache)", "ms_median": 1000 * statistics.median(times),
-                 "ms_mean": 1000 * statistics.mean(times), "kv_bytes": plain_bytes, "kv_bytes_analytic": None})
+    # Rounds of every cache one after the other, each from a fresh copy of its prefilled cache, so that the machine's
+    # drift between runs (10-20% on a shared CPU) falls on every cache alike; a policy decodes as the KV evaluation
+    # does (its policy applied once around the loop).
+    times: dict[str, list[float]] = {}
+    kept: dict[str, object] = {}
+    for _ in range(args.rounds):
+        cache = copy.deepcopy(plain)
+        times.setdefault("plain", []).append(statistics.median(decode_times(model, plain_step(cache), int(ids[-1]),
+                                                                  args.steps)[args.warmup:]))
+        kept["plain"] = cache
+        for policy in policies:
+            cache = copy.deepcopy(shared)
+            if not policy.is_full:
+                cache.evict(policy)
+            with kv.applying(model, cache):
+                step_times = decode_times(model, lambda t: kv.step(model, cache, t), int(ids[-1]), args.steps)
+            times.setdefault(policy.name, []).append(statistics.median(step_times[args.warmup:]))
+            kept[policy.name] = cache
+    rows = [{"policy": "plain (transformers DynamicCache)", "ms_median": 1000 * statistics.median(times["plain"]),
+             "ms_rounds": [1000 * t for t in times["plain"]],
+             "kv_bytes": sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in kept["plain"].layers),
+             "kv_bytes_analytic": None}]
     for policy in policies:
-        import copy
-
-        cache = copy.deepcopy(shared)
-        if not policy.is_full:
-            cache.evict(policy)
-        times = decode_times(model, lambda t: kv.step(model, cache, t), int(ids[-1]), args.steps)[args.warmup:]
+        cache = kept[policy.name]
         analytic = int(policy.kept_tokens(model, len(ids) - 1, args.steps).sum()) * entry
         rows.append({"policy": policy.name, "n_full_kv_heads": policy.n_full(model),
-                     "ms_median": 1000 * statistics.median(times), "ms_mean": 1000 * statistics.mean(times),
+                     "ms_median": 1000 * statistics.median(times[policy.name]),
+                     "ms_rounds": [1000 * t for t in times[policy.name]],
                      "kv_bytes": cache.kv_bytes(), "kv_bytes_held": cache.kv_bytes_held(),
                      "kv_bytes_analytic": analytic})
-        del cache
     full_row = next(r for r in rows if r["policy"] == "full")
     for row in rows:
         row["kv_ratio_vs_full"] = row["kv_bytes"] / full_row["kv_bytes"]
         row["speedup_vs_full"] = full_row["ms_median"] / row["ms_median"]
-    result = {"model": args.model, "length": args.length, "steps_timed": args.steps - args.warmup,
+    plain_row = rows[0]
+    result = {"model": args.model, "length": args.length, "steps_timed": args.steps - args.warmup, "rounds": args.rounds,
+              "full_over_plain": full_row["ms_median"] / plain_row["ms_median"],
               "threads": torch.get_num_threads(), "prefill_s": prefill_s, "rows": rows,
               "note": "exact prefill then eviction; decode timed after warmup; CPU timings are noisy on a shared machine",
               "versions": headlab.scores.versions()}
     atomic_write_text(args.out, json.dumps(result, indent=1))
+    print(f"full / plain model: {result['full_over_plain']:.3f}x")
     for row in rows:
         print(f"{row['policy']:>36}: {row['ms_median']:7.1f} ms/token (x{row['speedup_vs_full']:.2f}), "
               f"KV {row['kv_bytes'] / 2**20:7.1f} MiB (x{row['kv_ratio_vs_full']:.3f})")
