@@ -178,10 +178,15 @@ def test_the_ray_engine_refuses_an_empty_plan_or_repeated_keys(cluster, plan, me
 def test_the_kv_evaluation_runs_on_the_cluster(cluster, tmp_path):
     """`headlab kv --engine ray`: every test's answers and KV bytes equal the local run's (one test per worker)."""
     runner = CliRunner()
+    folder = tmp_path / "long-tiny"  # tiny-llama with room for NIAH prompts (RoPE has no limit), as a local folder
+    model = headlab.load_model("tiny-llama")
+    model.hf.config.max_position_embeddings = 1024
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
     scan = tmp_path / "scan"
-    assert runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors", "--quick", "--out",
+    assert runner.invoke(app, ["scan", str(folder), "--probes", "detectors", "--quick", "--out",
                                str(scan)]).exit_code == 0
-    args = ["kv", "tiny-llama", "--scores", str(scan), "--probe", "detectors", "--lengths", "200", "--tests", "2",
+    args = ["kv", str(folder), "--scores", str(scan), "--probe", "detectors", "--lengths", "400", "--tests", "2",
             "--fractions", "0.5", "--max-new-tokens", "3", "--decode-threads", "1"]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "local")]).exit_code == 0
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "remote"), "--engine", "ray", "--address",
