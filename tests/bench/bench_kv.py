@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3, help="every cache decodes once per round")
+    parser.add_argument("--rounds", type=int, default=4, help="every cache decodes once per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -77,24 +77,31 @@ def main() -> None:
     def plain_step(cache):
         return lambda token: model.hf(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
 
-    # Rounds of every cache one after the other, each from a fresh copy of its prefilled cache, so that the machine's
-    # drift between runs (10-20% on a shared CPU) falls on every cache alike; a policy decodes as the KV evaluation
-    # does (its policy applied once around the loop).
+    # Rounds of every cache one after the other (the order reversed every other round), each from a fresh copy of its
+    # prefilled cache, so that the machine's drift (10-20% on a shared CPU) and the position in a round fall on every
+    # cache alike; a policy decodes as the KV evaluation does (its policy applied once around the loop).
     times: dict[str, list[float]] = {}
     kept: dict[str, object] = {}
-    for _ in range(args.rounds):
+
+    def run_plain():
         cache = copy.deepcopy(plain)
-        times.setdefault("plain", []).append(statistics.median(decode_times(model, plain_step(cache), int(ids[-1]),
-                                                                  args.steps)[args.warmup:]))
+        times.setdefault("plain", []).append(statistics.median(
+            decode_times(model, plain_step(cache), int(ids[-1]), args.steps)[args.warmup:]))
         kept["plain"] = cache
-        for policy in policies:
-            cache = copy.deepcopy(shared)
-            if not policy.is_full:
-                cache.evict(policy)
-            with kv.applying(model, cache):
-                step_times = decode_times(model, lambda t: kv.step(model, cache, t), int(ids[-1]), args.steps)
-            times.setdefault(policy.name, []).append(statistics.median(step_times[args.warmup:]))
-            kept[policy.name] = cache
+
+    def run_policy(policy):
+        cache = copy.deepcopy(shared)
+        if not policy.is_full:
+            cache.evict(policy)
+        with kv.applying(model, cache):
+            step_times = decode_times(model, lambda t: kv.step(model, cache, t), int(ids[-1]), args.steps)
+        times.setdefault(policy.name, []).append(statistics.median(step_times[args.warmup:]))
+        kept[policy.name] = cache
+
+    for round_ in range(args.rounds):  # the plain model first in even rounds, last in odd ones
+        order = [run_plain] + [lambda p=p: run_policy(p) for p in policies]
+        for run in order if round_ % 2 == 0 else reversed(order):
+            run()
     rows = [{"policy": "plain (transformers DynamicCache)", "ms_median": 1000 * statistics.median(times["plain"]),
              "ms_rounds": [1000 * t for t in times["plain"]],
              "kv_bytes": sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in kept["plain"].layers),
