@@ -107,11 +107,12 @@ class Probe:
     def describe_params(self) -> list[dict]:
         """Each parameter: name, type, default and quick value (for `headlab probes` and the docs)."""
         hints = typing.get_type_hints(self.Params)
+        descriptions = param_descriptions(self.Params)
         out = []
         for f in dataclasses.fields(self.Params):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
-                        "quick": self.quick.get(f.name, default)})
+                        "quick": self.quick.get(f.name, default), "description": descriptions.get(f.name, "")})
         return out
 
     # ---- the work ----------------------------------------------------------------------------------------------
@@ -150,6 +151,39 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"<probe {self.name}: {self.description}>"
+
+
+def param_descriptions(params_class: type) -> dict[str, str]:
+    """What each parameter does, from the code: the comment after its field, and the part of the Params docstring
+    that starts with `name:` (up to the next `other:`), else the docstring's sentences that name it."""
+    import inspect
+    import re
+
+    names = [f.name for f in dataclasses.fields(params_class)]
+    out: dict[str, str] = {}
+    try:
+        source = inspect.getsource(params_class)
+    except (OSError, TypeError):
+        source = ""
+    for name in names:
+        comment = re.search(rf"^\s+{name}\s*:[^\n]*?#\s*(.+)$", source, re.M)
+        if comment:
+            out[name] = comment.group(1).strip()
+    doc = " ".join((params_class.__doc__ or "").split())
+    if doc.startswith(params_class.__name__ + "("):  # the dataclass' generated signature: no description
+        return out
+    labels = list(re.finditer(r"\b(" + "|".join(map(re.escape, names)) + r"):\s", doc)) if names else []
+    for i, match in enumerate(labels):
+        end = labels[i + 1].start() if i + 1 < len(labels) else len(doc)
+        text = doc[match.end():end].strip().rstrip(";,")
+        out.setdefault(match.group(1), text)
+    sentences = re.split(r"(?<=[.;])\s+", doc)
+    for name in names:
+        if name not in out:
+            mentions = [s for s in sentences if re.search(rf"\b{re.escape(name)}\b", s)]
+            if mentions:
+                out[name] = " ".join(mentions)
+    return out
 
 
 def normalise(value: Any) -> Any:

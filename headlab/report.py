@@ -51,6 +51,15 @@ def heads_table(results: dict[str, HeadScores]) -> pd.DataFrame:
     return table.sort_values(["layer", "head"]).reset_index(drop=True)
 
 
+INTERVAL = ("_lo", "_hi")  # suffixes of a column's confidence interval (headlab.uncertainty)
+
+
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """The columns of heads.csv that hold scores: not layer/head/name, not an interval bound, not constant."""
+    return [c for c in table.columns if c not in ("layer", "head", "name") and not c.endswith(INTERVAL)
+            and pd.api.types.is_numeric_dtype(table[c]) and table[c].nunique(dropna=True) > 1]
+
+
 KEPT = ("kv",)  # folders other commands write into a scan folder (`headlab kv`), kept when the report is rewritten
 
 

@@ -46,6 +46,14 @@ def _corrupt_cache(tmp, monkeypatch):
     return "smollm2-135m"
 
 
+def _quick_scan(tmp):
+    """A finished quick scan of tiny-llama (detectors and flow): the folder a careless rerun would destroy."""
+    folder = tmp / "earlier-scan"
+    result = runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors,flow", "--quick", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    return str(folder)
+
+
 # (id, arguments with {model} / {out} placeholders, how to make the model argument, what the sentence says)
 ROWS = [
     ("unknown-model", ["scan", "smolm2-135m"], None, "unknown model"),
@@ -63,6 +71,13 @@ ROWS = [
     ("corrupted-cache", ["scan", "{model}", "--probes", "detectors"], _corrupt_cache, "no longer match"),
     ("top-zero", ["scan", "tiny-llama", "--top", "0"], None, "--top must be at least 1"),
     ("probe-cannot-handle-the-model", ["scan", "tiny-bert", "--probes", "qk"], None, "causal language model"),
+    ("scan-folder-of-other-settings", ["scan", "tiny-llama", "--probes", "detectors", "--out", "{model}"], _quick_scan,
+     "holds a scan with other settings (quick True there, False here); choose another --out or pass --overwrite"),
+    ("scan-folder-of-other-parameters", ["scan", "tiny-llama", "--probes", "flow", "--quick", "--set",
+                                         "flow.n_texts=3", "--out", "{model}"], _quick_scan,
+     "holds flow run with other parameters (n_texts)"),
+    ("scan-folder-of-another-model", ["scan", "tiny-gemma3", "--probes", "flow", "--quick", "--out", "{model}"],
+     _quick_scan, "holds a scan of tiny-llama, not tiny-gemma3"),
 ]
 
 
