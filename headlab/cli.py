@@ -350,13 +350,26 @@ def run_scan(request: dict, out: Path, previous: tuple[dict, dict] | None = None
         "command": request.get("command"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "machine": {"device": str(model.device), "platform": platform.platform(),
                                              "torch_threads": _threads()},
+        "layer_types": [f"sliding window {window}" if (window := model.sliding_window(layer)) else "global"
+                        for layer in range(model.n_layers)],
     }
     summary, all_results = merge_scans(previous, summary, results)
-    write_report(out, summary, all_results)
+    write_report(out, summary, all_results, examples=_examples(model))
     import shutil
 
     shutil.rmtree(partial, ignore_errors=True)
     return results, failed
+
+
+def _examples(model) -> list | None:
+    """Every head's attention on the report's short example prompts (None when the model cannot give them)."""
+    from headlab.viewer import head_examples
+
+    try:
+        return head_examples(model)
+    except Exception as error:  # noqa: BLE001 - a report without examples beats no report
+        errors.print(f"the head pages get no example attention: {escape(str(error))}")
+        return None
 
 
 def _threads() -> int:
@@ -422,12 +435,16 @@ def check_writable(out: Path) -> None:
 def _print_top(result: HeadScores, title: str, k: int) -> None:
     frame = result.top(k)
     table = Table(title=f"{title}: top {k} heads")
-    columns = [c for c in frame.columns
-               if c not in ("layer", "head") and (c == "score" or not frame[c].equals(frame["score"]))]
-    for column in columns:
+    columns = [c for c in frame.columns if c not in ("layer", "head", "overlaps_next") and not c.endswith(("_lo", "_hi"))
+               and (c == "score" or not frame[c].equals(frame["score"]))]
+    interval = "score_lo" in frame.columns
+    for column in columns + (["95% interval", "overlaps next"] if interval else []):
         table.add_column(column, justify="right")
     for _, row in frame.iterrows():
-        table.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        if interval:
+            cells += [f"[{row['score_lo']:.3f}, {row['score_hi']:.3f}]", "yes" if row["overlaps_next"] else ""]
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -550,13 +567,15 @@ def _short(value, width: int = 48) -> str:
 
 
 @app.command()
-def report(folder: Path = typer.Argument(..., help="a folder written by `headlab scan`")) -> None:
+def report(folder: Path = typer.Argument(..., help="a folder written by `headlab scan`"),
+           plotly: str = typer.Option("inline", help="inline (the page works alone) or shared (one plotly.js beside "
+                                                     "the scan folders, loaded by each report)")) -> None:
     """Re-render report.html (and heads.csv) from a scan folder's files."""
     from headlab.report import load_results, write_report
 
     try:
         summary, results = load_results(folder)
-        write_report(folder, summary, results)
+        write_report(folder, summary, results, plotly=plotly)
     except HeadlabError as error:
         _fail(str(error))
     console.print(f"report: {(folder / 'report.html').resolve()}")

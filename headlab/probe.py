@@ -69,6 +69,8 @@ class Probe:
     Params: ClassVar[type]
     quick: ClassVar[dict] = {}
     columns: ClassVar[dict[str, str]]
+    signed: ClassVar[tuple[str, ...]] = ()  # columns whose sign means something (an effect, a correlation): the report
+    #                                         draws them on a diverging scale centred on 0
     needs_decoder: ClassVar[str | None] = None  # why, when the probe needs a causal language model
     min_context: ClassVar[int] = 8  # the shortest prompt (tokens) the probe can work with
     order: ClassVar[int] = 100  # where the probe comes in listings, scans and heads.csv (then by name)
@@ -104,6 +106,12 @@ class Probe:
         probe names no such line. Subclasses say why theirs is where it is."""
         return None
 
+    def validity(self, meta: dict) -> dict | None:
+        """What the table rests on, read from its meta: {"rests_on": the counts, "baseline": what the scores are
+        measured against, "warning": why not to trust them (e.g. the model fails the task), or None}; recorded in meta
+        so the report shows it without the probe's code. None: nothing to say beyond the intervals."""
+        return None
+
     def describe_params(self) -> list[dict]:
         """Each parameter: name, type, default and quick value (for `headlab probes` and the docs)."""
         hints = typing.get_type_hints(self.Params)
@@ -130,9 +138,13 @@ class Probe:
         from headlab.scores import versions
 
         seed = {"seed": params.seed} if hasattr(params, "seed") else {}
-        return {"probe": self.name, "paper": self.paper, "model": model.name, "geometry": model.geometry,
-                "params": dataclasses.asdict(params), **seed, "columns": dict(self.columns), **extra,
-                "versions": versions()}
+        meta = {"probe": self.name, "paper": self.paper, "model": model.name, "geometry": model.geometry,
+                "params": dataclasses.asdict(params), **seed, "columns": dict(self.columns),
+                "signed": list(self.signed), **extra, "versions": versions()}
+        validity = self.validity(meta)
+        if validity:
+            meta["validity"] = validity
+        return meta
 
     def scan(self, model, *, journal: str | Path | None = None, progress: bool = True, quick: bool = False,
              **params):

@@ -38,6 +38,7 @@ from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name, parse_head
 from headlab.stats import agreement  # noqa: F401 - part of this module's API (notebooks, studies)
 from headlab.tasks import MCQAItem, load_mcqa, mcqa_example, option_token_ids
+from headlab.uncertainty import intervals, method
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,12 +65,16 @@ def logit_diff(answer: Int[torch.Tensor, "batch"], wrong: Int[torch.Tensor, "bat
     """Metric: mean over the batch of logit[answer] - logit[wrong] at `pos`."""
     answer, wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
 
-    def metric(logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
+    def per_prompt(logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch"]:
         rows = torch.arange(len(answer))
         last = logits[:, pos]
-        return (last[rows, answer] - last[rows, wrong]).mean()
+        return last[rows, answer] - last[rows, wrong]
+
+    def metric(logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
+        return per_prompt(logits).mean()
 
     metric.last_position_only = pos == -1
+    metric.per_prompt = per_prompt  # the batch mean's terms: per-prompt values for confidence intervals
     return metric
 
 
@@ -410,6 +415,8 @@ def activation_patch(model, clean, corrupted, component: str = "z", *, over: Seq
     values = torch.full((model.n_layers, *sizes), float("nan"))
     tensor_axes = COMPONENTS[component]
     n, n_pos = clean.shape
+    per_prompt = getattr(metric, "per_prompt", None)  # a batch-mean metric's terms, kept for intervals
+    prompt_values = torch.full((model.n_layers, *sizes, n), float("nan")) if per_prompt else None
     chunk = _chunk_size(model, n, n_pos, memory_budget)
     jobs = _jobs(layers, list(product(*(range(s) for s in sizes))), axes, n, n_pos, chunk, base.can_start_late)
     for layer, start, batch in progress_bar(jobs, f"patching {component}", disable=not progress):
@@ -422,8 +429,14 @@ def activation_patch(model, clean, corrupted, component: str = "z", *, over: Seq
         logits = base.resume(layer, len(batch), [(name, hook)], _last_only(metric), start=start)
         for c, index in enumerate(batch):
             values[(layer, *index)] = _scalar(metric, logits[c * n:(c + 1) * n])
-    return PatchResult(component, axes, values, values_clean, values_corrupted, direction,
-                       {"layers": layers, "chunk": chunk, "n_prompts": n, "forwards": len(jobs)})
+            if per_prompt:
+                prompt_values[(layer, *index)] = per_prompt(logits[c * n:(c + 1) * n])
+    meta = {"layers": layers, "chunk": chunk, "n_prompts": n, "forwards": len(jobs)}
+    if per_prompt:
+        clean_run, corrupted_run = (source, base) if direction == "denoise" else (base, source)
+        meta.update(per_prompt=prompt_values, clean_per_prompt=per_prompt(clean_run.logits),
+                    corrupted_per_prompt=per_prompt(corrupted_run.logits))
+    return PatchResult(component, axes, values, values_clean, values_corrupted, direction, meta)
 
 
 POSITION_AXES = ("pos", "dest")  # a patch here leaves earlier positions unchanged (causal models)
@@ -627,7 +640,12 @@ def attribution_patch(model, clean, corrupted, component: str = "z", *, over: Se
     summed = tuple(i for i, a in enumerate(tensor_axes) if a not in axes)
     values = torch.stack([((source[name] - acts[name]) * grads[name]).sum(dim=summed) for name in names]) + base_value
     clean_value, corrupted_value = (source_value, base_value) if direction == "denoise" else (base_value, source_value)
-    return PatchResult(component, axes, values, clean_value, corrupted_value, direction, {"method": "attribution"})
+    meta = {"method": "attribution"}
+    if getattr(metric, "per_prompt", None):  # a batch mean: prompt b's own estimated change is n x its term
+        by_prompt = tuple(i for i in summed if i != 0)
+        meta["per_prompt_delta"] = torch.stack([((source[name] - acts[name]) * grads[name]).sum(dim=by_prompt)
+                                                for name in names]).movedim(1, -1) * base_tokens.shape[0]
+    return PatchResult(component, axes, values, clean_value, corrupted_value, direction, meta)
 
 
 def edge_attribution(model, clean, corrupted, *, metric: Metric | None = None, answer=None, wrong=None,
@@ -746,9 +764,21 @@ class Patching(Probe):
                "from the run)",
     }
 
+    signed = ("score", "noising", "attribution", "dla")
+
     def threshold(self, scores):
         """Patching the head restores a tenth of the clean - corrupted gap."""
         return 0.1
+
+    def validity(self, meta):
+        pairs = meta["task_info"].get("n_pairs", meta.get("uncertainty", {}).get("n"))
+        clean, corrupted, accuracy = meta["clean_metric"], meta["corrupted_metric"], meta["accuracy"]
+        warning = (f"the model fails the task on the clean prompts (clean logit difference {clean:.2f}, accuracy "
+                   f"{accuracy:.2f} on {pairs} pairs): the scores say which heads carry the answer it gives, not a "
+                   "circuit that solves the task" if clean <= 0 or accuracy < 0.5 else None)
+        return {"rests_on": f"{pairs} prompt pairs ({meta['task']})",
+                "baseline": f"clean logit difference {clean:.2f}, corrupted {corrupted:.2f}, clean accuracy "
+                            f"{accuracy:.2f}", "warning": warning}
 
     def check_params(self, params):
         if not (isinstance(params.task, dict) or params.task in ("ioi", "mcqa")):
@@ -777,26 +807,33 @@ class Patching(Probe):
         task = self.task(model, params)
         if unit.key == "whole-attribution":
             attribution = attribution_patch(model, task.clean, task.corrupted, "z", over=("head",), metric=task.metric)
-            return {"effect": attribution.effect, "accuracy": task.accuracy(model)}
+            return {"effect": attribution.effect, "accuracy": task.accuracy(model),
+                    "delta_pairs": attribution.meta["per_prompt_delta"]}
         if unit.key == "whole-dla":
-            return {"heads": direct_logit_attribution(model, task.clean, task.answer, task.wrong)["heads"]}
+            pairs = [direct_logit_attribution(model, task.clean[i:i + 1], task.answer[i:i + 1], task.wrong[i:i + 1])
+                     ["heads"] for i in range(len(task.answer))]  # per prompt, for the interval
+            return {"heads": direct_logit_attribution(model, task.clean, task.answer, task.wrong)["heads"],
+                    "pairs": torch.stack(pairs)}
         layers = unit.data["layers"]
         common = dict(metric=task.metric, over=("head",), layers=layers, progress=False,
                       memory_budget=params.memory_budget)
         denoise = activation_patch(model, task.clean, task.corrupted, "z", **common)
         noise = activation_patch(model, task.clean, task.corrupted, "z", direction="noise", **common)
         return {"layers": layers, "denoise": denoise.values[layers], "noise": noise.values[layers],
-                "clean": denoise.clean, "corrupted": denoise.corrupted}
+                "clean": denoise.clean, "corrupted": denoise.corrupted,
+                "denoise_pairs": denoise.meta["per_prompt"][layers], "noise_pairs": noise.meta["per_prompt"][layers],
+                "clean_pairs": denoise.meta["clean_per_prompt"], "corrupted_pairs": denoise.meta["corrupted_per_prompt"]}
 
     def merge(self, model, params, partials):
-        rows: dict[str, dict[int, list]] = {"denoise": {}, "noise": {}}
+        rows: dict[str, dict[int, list]] = {"denoise": {}, "noise": {}, "denoise_pairs": {}, "noise_pairs": {}}
         metrics = None
         for key, partial in iter_partials(partials):
             if key.startswith("layers-"):
-                metrics = metrics or (partial["clean"], partial["corrupted"])
+                metrics = metrics or (partial["clean"], partial["corrupted"], partial["clean_pairs"],
+                                      partial["corrupted_pairs"])
                 for name in rows:
                     rows[name].update(zip(partial["layers"], partial[name]))
-        clean, corrupted = metrics
+        clean, corrupted, clean_pairs, corrupted_pairs = metrics
 
         def effect(direction):
             values = torch.tensor([rows[direction][layer] for layer in range(model.n_layers)], dtype=torch.float32)
@@ -808,9 +845,27 @@ class Patching(Probe):
         task = self.task(model, params)
         meta = self.meta(model, params, task=task.name, task_info=task.info, clean_metric=clean,
                          corrupted_metric=corrupted, accuracy=partials["whole-attribution"]["accuracy"],
-                         attribution_vs_activation=agreement(attribution, denoise))
+                         attribution_vs_activation=agreement(attribution, denoise),
+                         uncertainty=method("prompt pairs (effects: ratio of sums over the pairs' clean - corrupted "
+                                            "gaps)", len(clean_pairs)))
         return HeadScores.from_matrix(denoise.numpy(), meta, noising=noise.numpy(), attribution=attribution.numpy(),
-                                      dla=dla.numpy())
+                                      dla=dla.numpy(), **self.pair_intervals(model, partials, rows, clean_pairs,
+                                                                        corrupted_pairs))
+
+    def pair_intervals(self, model, partials, rows, clean_pairs, corrupted_pairs) -> dict:
+        """Each column's interval over the prompt pairs: an effect is sum(change) / sum(clean - corrupted gap)."""
+        def pairs(direction):  # [pairs, layer, head]
+            return torch.tensor([rows[direction][layer] for layer in range(model.n_layers)],
+                                dtype=torch.float64).permute(2, 0, 1)
+
+        clean_pairs = torch.tensor(clean_pairs, dtype=torch.float64)[:, None, None]
+        corrupted_pairs = torch.tensor(corrupted_pairs, dtype=torch.float64)[:, None, None]
+        gap = (clean_pairs - corrupted_pairs).flatten()
+        samples = {"score": pairs("denoise_pairs") - corrupted_pairs, "noising": clean_pairs - pairs("noise_pairs"),
+                   "attribution": torch.tensor(partials["whole-attribution"]["delta_pairs"],
+                                               dtype=torch.float64).permute(2, 0, 1),
+                   "dla": torch.tensor(partials["whole-dla"]["pairs"], dtype=torch.float64)}
+        return intervals(samples, weights={"score": gap, "noising": gap, "attribution": gap})
 
 
 PROBE = Patching()
