@@ -465,6 +465,8 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HOST:PORT (default: a local cluster)"),
     workers: int = typer.Option(2, help="Ray workers per model"),
     threads_per_worker: int = typer.Option(1, help="CPU threads per Ray worker"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace scan folders of other settings or parameters "
+                                                              "(default: add the probes to them, or refuse)"),
 ) -> None:
     """Scan several models and draw the cross-model head atlas (atlas.html, atlas.csv)."""
     from headlab.atlas import write_atlas
@@ -476,7 +478,8 @@ def sweep(
         folders = {name: out / Path(name).name for name in models_}
         for folder in folders.values():
             check_writable(folder)
-        scans, failed = run_sweep(requests, folders, engine, address)
+        previous = {name: check_existing(folders[name], requests[name], overwrite) for name in models_}
+        scans, failed = run_sweep(requests, folders, engine, address, previous)
         if not scans:
             raise InputError("every model failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         write_atlas(out, scans, failed)
@@ -487,7 +490,7 @@ def sweep(
         _fail(f"{len(failed)} model(s) failed ({', '.join(failed)}); the atlas lists them")
 
 
-def run_sweep(requests: dict, folders: dict, engine: str, address: str | None):
+def run_sweep(requests: dict, folders: dict, engine: str, address: str | None, previous: dict | None = None):
     """{model: (summary, results)} of the models whose scan finished, and {model: why} of the others; on Ray the
     models run side by side on one cluster (each with its own workers, waiting for room)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -495,7 +498,7 @@ def run_sweep(requests: dict, folders: dict, engine: str, address: str | None):
     from headlab.report import load_results
 
     def one(name):
-        run_scan(requests[name], folders[name])
+        run_scan(requests[name], folders[name], previous=(previous or {}).get(name))
         return load_results(folders[name])
 
     scans, failed = {}, {}

@@ -197,4 +197,18 @@ def test_a_log_file_gets_one_line_per_probe_and_what_was_fitted(tmp_path):
     assert "" not in lines[:lines.index("flow: running 8 units")]  # no blank lines left by a live progress bar
     summary = json.loads((out / "scan.json").read_text())
     assert summary["adapted"] == {"detectors": {"seq_len": [25, 4]}}
+    assert "<code>detectors.seq_len</code>: 25 &rarr; 4" in (out / "report.html").read_text()  # the header says it
     assert summary["command"].startswith("headlab") and summary["date"]
+
+
+def test_reports_can_share_one_plotly_file(tmp_path):
+    out = tmp_path / "scan"
+    assert runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors", "--quick", "--out", str(out)]).exit_code == 0
+    inline = (out / "report.html").read_text()
+    assert inline.count("Plotly.newPlot") >= 3 and len(re.findall(r"<script src=", inline)) == 0
+    assert runner.invoke(app, ["report", str(out), "--plotly", "shared"]).exit_code == 0
+    shared = (out / "report.html").read_text()
+    bundle = list(tmp_path.glob("plotly-*.min.js"))
+    assert len(bundle) == 1 and f"<script src='../{bundle[0].name}'>" in shared
+    assert len(inline) - len(shared) > 0.9 * bundle[0].stat().st_size  # the bundle left the page
+    assert runner.invoke(app, ["report", str(out), "--plotly", "cdn"]).exit_code == 1
