@@ -8,7 +8,6 @@ import html
 import json
 import math
 
-import numpy as np
 import pandas as pd
 
 from headlab.heads import head_name
@@ -32,7 +31,8 @@ def column_info(table: pd.DataFrame, results: dict[str, HeadScores], column: str
 
 
 def _number(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(f"{x:.6g}")
+    """Six significant digits, None for NaN or infinity (JSON has neither)."""
+    return float(f"{x:.6g}") if x is not None and math.isfinite(x) else None
 
 
 def page_data(summary: dict, table: pd.DataFrame, results: dict, columns: list[str], examples: list | None) -> dict:
@@ -159,9 +159,8 @@ def _top_list(table: pd.DataFrame, column: str, k: int) -> str:
                 f"(ranking by it says nothing)</p>")
     lo, hi = f"{column}_lo", f"{column}_hi"
     items = []
-    rows = list(ranked.itertuples(index=False))
     frame = ranked.reset_index(drop=True)
-    for i, row in enumerate(rows):
+    for i in range(len(frame)):
         name = frame.loc[i, "name"]
         text = f"<a href='#{name}'>{name}</a> {frame.loc[i, column]:.3f}"
         if lo in frame.columns and not pd.isna(frame.loc[i, lo]):

@@ -80,16 +80,21 @@ def _report_dom(url, tmp_path):
 @pytest.mark.slow
 def test_a_real_quick_scan_report_says_what_ran_and_whether_to_trust_it(tmp_path):
     """SmolLM2's quick scan: header, baselines, the IOI warning, head pages behind every cell and row, the atlas
-    filter; screenshots of the page, a head page and the atlas go to $HEADLAB_SCREENSHOTS when it is set."""
+    filter; screenshots of the page, a head page, a probe and the atlas go to $HEADLAB_SCREENSHOTS when it is set."""
+    out = tmp_path / "scan"
+    result = CliRunner().invoke(app, ["scan", "smollm2-135m", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    check_real_report(out, tmp_path)
+
+
+def check_real_report(out, tmp_path):
+    """The checks of a quick SmolLM2 scan folder's report.html (also run by hand on an existing folder)."""
     import html
     import json
     import os
 
     import pandas as pd
 
-    out = tmp_path / "scan"
-    result = CliRunner().invoke(app, ["scan", "smollm2-135m", "--quick", "--out", str(out)])
-    assert result.exit_code == 0, result.output
     heads = pd.read_csv(out / "heads.csv")
     page = (out / "report.html").read_text()
     url = (out / "report.html").resolve().as_uri()
