@@ -192,7 +192,7 @@ def param_descriptions(params_class: type) -> dict[str, str]:
     sentences = re.split(r"(?<=[.;])\s+", doc)
     for name in names:
         if name not in out:
-            mentions = [s for s in sentences if re.search(rf"\b{re.escape(name)}\b", s)]
+            mentions = [re.sub(r"^\w+:\s+", "", s) for s in sentences if re.search(rf"\b{re.escape(name)}\b", s)]
             if mentions:
                 out[name] = " ".join(mentions)
     return out
