@@ -38,13 +38,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "Head": "headlab.heads", "head_name": "headlab.heads", "parse_head": "headlab.heads",
     "HeadModel": "headlab.model", "load_model": "headlab.loading", "models": "headlab.loading",
-    "HeadScores": "headlab.scores",
+    "HeadScores": "headlab.scores", "show_attention": "headlab.viewer",
 }
 
 __all__ = [
     "CacheCorruptError", "Head", "HeadIndexError", "HeadModel", "HeadScores", "HeadlabError", "HubUnreachableError",
     "InputError", "ModelPackageMissingError", "NoSignalError", "PackageMissingError", "UnknownModelError",
-    "UnsupportedModelError", "head_name", "load_model", "models", "parse_head",
+    "UnsupportedModelError", "head_name", "load_model", "models", "parse_head", "show_attention",
 ]
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 import tomllib
@@ -26,11 +27,27 @@ from headlab.scores import HeadScores, versions
 from headlab.kv.run import KVSettings
 from headlab.settings import SCAN_SETTINGS, ScanSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find and explain what attention heads do.")
+# rich_markup_mode=None: plain help, so bracketed defaults such as [full] are printed, not read as markup
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find and explain what attention heads do.",
+                  context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 CONFIG_KEYS = {"model", "probes", "params", "settings", *SCAN_SETTINGS}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from headlab import __version__
+
+        typer.echo(f"headlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="print headlab's version and exit")) -> None:
+    """Find and explain what attention heads do."""
 
 
 def _fail(message: str) -> None:
@@ -54,6 +71,8 @@ def with_settings(kind, flags: dict | None = None):
         for f in dataclasses.fields(kind):
             hint = str if typing.get_origin(hints[f.name]) is tuple else hints[f.name]
             default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+            if isinstance(default, bool) and "/" in "".join((flags or {}).get(f.name, [])):
+                default = (flags or {})[f.name][0].split("/")[0 if default else 1].lstrip("-")  # --quick/--full
             shown = f" (default {default})" if default is not None else ""
             option = typer.Option(None, *(flags or {}).get(f.name, []), help=f"{f.metadata['help']}{shown}")
             extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
@@ -78,14 +97,24 @@ def scan(
                                                       "(repeatable; see `headlab probes`)"),
     config: Optional[Path] = typer.Option(None, help="a TOML or JSON file of these options (a scan folder's "
                                                      "scan.json re-runs that scan)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a scan folder of other probes, settings or "
+                                                              "parameters (default: add the probes to it, or refuse)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (units per probe, fitted parameters) and "
+                                                          "run nothing"),
     **options,
 ) -> None:
-    """Run probes on a model and write heads.csv, scan.json and report.html."""
+    """Run probes on a model and write heads.csv, scan.json and report.html (added to an existing scan folder of
+    the same model and settings)."""
     try:
         request = scan_request(model, probes, top=top, set_items=set_, config=config, **options)
+        request["command"] = " ".join(["headlab", *sys.argv[1:]]) if sys.argv[1:] else "headlab scan"
         out = out or Path(f"scan-{Path(request['model']).name}")
+        if dry_run:
+            print_plan(request)
+            return
         check_writable(out)
-        results, failed = run_scan(request, out)
+        previous = check_existing(out, request, overwrite)
+        results, failed = run_scan(request, out, previous=previous)
     except HeadlabError as error:
         _fail(str(error))
     for name, result in results.items():
@@ -177,10 +206,100 @@ def read_config(path: Path) -> dict:
     return data
 
 
-def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str, str]]:
-    """Load the model, fit and check each probe's params, run every probe (journaled in a sibling folder, so a rerun
-    resumes at the unit), and write the scan folder; a probe that fails does not stop the others."""
+def fitted_params(request: dict, model) -> tuple[dict, dict]:
+    """({probe: Params fitted to the model and --max-context}, {probe: {parameter: [asked, fitted]}}); each probe
+    checked against the model before any compute."""
+    from headlab.probe import as_json
+    from headlab.probes import get_probe
+
+    params, adapted = {}, {}
+    for name in request["probes"]:
+        probe = get_probe(name)
+        asked = request["params"][name]
+        params[name] = probe.fit_context(asked, model, request["settings"].max_context)
+        probe.check(model, params[name])
+        before, after = as_json(dataclasses.asdict(asked)), as_json(dataclasses.asdict(params[name]))
+        changed = {key: [before[key], after[key]] for key in after if before.get(key) != after[key]}
+        if changed:
+            adapted[name] = changed
+    return params, adapted
+
+
+def print_adapted(adapted: dict, max_context: int) -> None:
+    """One line per parameter a probe fitted to the model or to --max-context."""
+    for name, changed in adapted.items():
+        for key, (asked, fitted) in changed.items():
+            console.print(escape(f"{name}.{key}: {_short(asked)} -> {_short(fitted)} (fitted to the model and "
+                                 f"--max-context {max_context})"), highlight=False)
+
+
+def print_plan(request: dict) -> None:
+    """--dry-run: the probes, their fitted parameters and units; the model is loaded (its geometry and tokenizer
+    make the plan), nothing is run or written."""
     from headlab.loading import load_model
+    from headlab.probes import get_probe
+
+    settings = request["settings"]
+    model = load_model(request["model"], device=settings.device, dtype=settings.dtype,
+                       device_map=parse_device_map(settings.device_map))
+    params, adapted = fitted_params(request, model)
+    console.print(f"plan for {model} ({'quick' if settings.quick else 'full'}, seed {settings.seed}, "
+                  f"max context {settings.max_context})", highlight=False)
+    print_adapted(adapted, settings.max_context)
+    for name in request["probes"]:
+        units = get_probe(name).plan(model, params[name])
+        console.print(f"{name}: {len(units)} units ({units[0].key} ... {units[-1].key})" if units else
+                      f"{name}: no units", highlight=False)
+
+
+RESULT_SETTINGS = ("seed", "max_context", "quick", "dtype")  # settings that change a table (device and engine do not)
+
+
+def check_existing(out: Path, request: dict, overwrite: bool) -> tuple[dict, dict] | None:
+    """The scan an existing folder holds, to which this scan's probes are added; InputError (before any compute)
+    when the folder holds a scan of another model or of other settings, unless `overwrite`."""
+    from headlab.report import load_results
+
+    if overwrite or not (out / "scan.json").exists():
+        return None
+    summary, results = load_results(out)
+    hint = "; choose another --out or pass --overwrite to replace it"
+    if summary.get("model") != request["model"]:
+        raise InputError(f"{out} holds a scan of {summary.get('model')}, not {request['model']}{hint}")
+    old = summary.get("settings", {})
+    new = request["settings"]
+    differ = [f"{key} {old[key]} there, {getattr(new, key)} here" for key in RESULT_SETTINGS if key in old and old[key] != getattr(new, key)]
+    if differ:
+        raise InputError(f"{out} holds a scan with other settings ({'; '.join(differ)}){hint}")
+    return summary, results
+
+
+def merge_scans(previous: tuple[dict, dict] | None, summary: dict, results: dict) -> tuple[dict, dict]:
+    """This scan added to the one a folder holds: its probes replace theirs of the same name, the others stay."""
+    if previous is None:
+        return summary, results
+    old, old_results = previous
+    merged = {**old_results, **results}  # a probe that failed now keeps its earlier table
+    keep = [name for name in old["probes"] if name not in results]
+    order = [*old["probes"], *(name for name in results if name not in old["probes"])]
+    failed = {**old.get("failed", {}), **summary["failed"]}
+    summary = {**summary, "probes": order, "failed": {k: v for k, v in failed.items() if k not in merged}}
+    for key in ("params", "seconds", "adapted"):
+        summary[key] = {**{k: v for k, v in old.get(key, {}).items() if k in keep}, **summary.get(key, {})}
+    summary["runs"] = [*old.get("runs", [{"command": old.get("command"), "probes": old["probes"],
+                                          "date": old.get("date")}]),
+                       {"command": summary.get("command"), "probes": list(results), "date": summary.get("date")}]
+    return summary, {name: merged[name] for name in summary["probes"]}
+
+
+def run_scan(request: dict, out: Path, previous: tuple[dict, dict] | None = None
+             ) -> tuple[dict[str, HeadScores], dict[str, str]]:
+    """Load the model, fit and check each probe's params, run every probe (journaled in a sibling folder, so a rerun
+    resumes at the unit), and write the scan folder (with `previous`, the scan the folder held, merged in: a probe
+    already there with other parameters is refused before any compute); a probe that fails does not stop the
+    others."""
+    from headlab.loading import load_model
+    from headlab.probe import as_json
     from headlab.probes import get_probe
     from headlab.report import write_report
 
@@ -188,12 +307,16 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
     start = time.perf_counter()
     model = load_model(request["model"], device=settings.device, dtype=settings.dtype,
                        device_map=parse_device_map(settings.device_map))
-    params = {}
-    for name in request["probes"]:
-        probe = get_probe(name)
-        params[name] = probe.fit_context(request["params"][name], model, settings.max_context)
-        probe.check(model, params[name])
+    params, adapted = fitted_params(request, model)
+    if previous is not None:
+        for name in request["probes"]:
+            there = previous[0].get("params", {}).get(name)
+            if there is not None and there != as_json(dataclasses.asdict(params[name])):
+                differ = sorted(k for k in there if there[k] != as_json(dataclasses.asdict(params[name])).get(k))
+                raise InputError(f"{out} holds {name} run with other parameters ({', '.join(differ)}); choose "
+                                 "another --out or pass --overwrite to replace it")
     console.print(f"{model}  (loaded in {model.load_info.seconds:.1f} s)")
+    print_adapted(adapted, settings.max_context)
     partial = out.with_name(f".{out.name}.partial")  # the journals of an unfinished scan
     results, seconds, failed = {}, {}, {}
     engine = make_engine(request["model"], settings)
@@ -202,25 +325,39 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
             t = time.perf_counter()
             journal = partial / f"{name}.journal.jsonl"
             try:
+                if not console.is_terminal:  # a log file: one plain line per probe, as it starts and ends
+                    console.print(f"{name}: running {len(get_probe(name).plan(model, params[name]))} units",
+                                  highlight=False)
                 results[name] = engine.run(get_probe(name), model, params[name], journal,
                                            on_resume=functools.partial(_report_resume, name))
             except Exception as error:  # noqa: BLE001 - one probe's failure, ours or torch's, must not stop the others
                 failed[name] = f"{type(error).__name__}: {error}"
-                errors.print(f"[red]{name} failed:[/red] {failed[name]}")
+                errors.print(f"[red]{name} failed:[/red] {escape(failed[name])}")
                 continue
             seconds[name] = time.perf_counter() - t
+            console.print(f"{name}: done in {seconds[name]:.1f} s", highlight=False)
     finally:
         engine.close()
     if not results:
         raise InputError("every probe failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    import datetime
+    import platform
+
     summary = {
         "model": request["model"], "probes": list(results), "failed": failed,
         "settings": dataclasses.asdict(settings), "seed": settings.seed,
-        "params": {name: dataclasses.asdict(p) for name, p in params.items()},
+        "params": {name: dataclasses.asdict(p) for name, p in params.items() if name in results},
+        "adapted": {name: changed for name, changed in adapted.items() if name in results},
         "geometry": model.geometry, "load": vars(model.load_info), "seconds": seconds,
         "total_seconds": time.perf_counter() - start, "versions": versions(),
+        "command": request.get("command"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "machine": {"device": str(model.device), "platform": platform.platform(),
+                                             "torch_threads": _threads()},
+        "layer_types": [f"sliding window {window}" if (window := model.sliding_window(layer)) else "global"
+                        for layer in range(model.n_layers)],
     }
-    write_report(out, summary, results)
+    summary, all_results = merge_scans(previous, summary, results)
+    write_report(out, summary, all_results, examples=_examples(model))
     import shutil
 
     shutil.rmtree(partial, ignore_errors=True)
@@ -229,6 +366,23 @@ def run_scan(request: dict, out: Path) -> tuple[dict[str, HeadScores], dict[str,
 
 def _report_resume(name: str, done: int, total: int, journal: Path) -> None:
     console.print(f"{name}: resuming, {done} of {total} units journaled in {journal}")
+
+
+def _examples(model) -> list | None:
+    """Every head's attention on the report's short example prompts (None when the model cannot give them)."""
+    from headlab.viewer import head_examples
+
+    try:
+        return head_examples(model)
+    except Exception as error:  # noqa: BLE001 - a report without examples beats no report
+        errors.print(f"the head pages get no example attention: {escape(str(error))}")
+        return None
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def parse_device_map(text):
@@ -275,12 +429,16 @@ def check_writable(out: Path) -> None:
 def _print_top(result: HeadScores, title: str, k: int) -> None:
     frame = result.top(k)
     table = Table(title=f"{title}: top {k} heads")
-    columns = [c for c in frame.columns
-               if c not in ("layer", "head") and (c == "score" or not frame[c].equals(frame["score"]))]
-    for column in columns:
+    columns = [c for c in frame.columns if c not in ("layer", "head", "overlaps_next") and not c.endswith(("_lo", "_hi"))
+               and (c == "score" or not frame[c].equals(frame["score"]))]
+    interval = "score_lo" in frame.columns
+    for column in columns + (["95% interval", "overlaps next"] if interval else []):
         table.add_column(column, justify="right")
     for _, row in frame.iterrows():
-        table.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        if interval:
+            cells += [f"[{row['score_lo']:.3f}, {row['score_hi']:.3f}]", "yes" if row["overlaps_next"] else ""]
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -294,6 +452,8 @@ def sweep(
     probes: Optional[str] = typer.Option(None, help="comma-separated probes (default: all)"),
     set_: list[str] = typer.Option([], "--set", help="a probe parameter for every model (repeatable)"),
     config: Optional[Path] = typer.Option(None, help="a TOML or JSON file of these options, for every model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace scan folders of other settings or parameters "
+                                                              "(default: add the probes to them, or refuse)"),
     **options,
 ) -> None:
     """Scan several models and draw the cross-model head atlas (atlas.html, atlas.csv); on Ray (--engine ray) the
@@ -308,7 +468,8 @@ def sweep(
         folders = {name: out / Path(name).name for name in models_}
         for folder in folders.values():
             check_writable(folder)
-        scans, failed = run_sweep(requests, folders)
+        previous = {name: check_existing(folders[name], requests[name], overwrite) for name in models_}
+        scans, failed = run_sweep(requests, folders, previous)
         if not scans:
             raise InputError("every model failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         write_atlas(out, scans, failed)
@@ -319,7 +480,7 @@ def sweep(
         _fail(f"{len(failed)} model(s) failed ({', '.join(failed)}); the atlas lists them")
 
 
-def run_sweep(requests: dict, folders: dict):
+def run_sweep(requests: dict, folders: dict, previous: dict | None = None):
     """{model: (summary, results)} of the models whose scan finished, and {model: why} of the others; on Ray the
     models run side by side on one cluster (each with its own workers, waiting for room)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -327,7 +488,7 @@ def run_sweep(requests: dict, folders: dict):
     from headlab.report import load_results
 
     def scan_one(name):
-        run_scan(requests[name], folders[name])
+        run_scan(requests[name], folders[name], previous=(previous or {}).get(name))
         return load_results(folders[name])
 
     scans, failed = {}, {}
@@ -363,14 +524,25 @@ def run_sweep(requests: dict, folders: dict):
 # ---- probes, report, models ---------------------------------------------------------------------------------------
 
 @app.command("probes")
-def list_probes() -> None:
+def list_probes(name: Optional[str] = typer.Argument(None, help="one probe: each parameter on one line with its "
+                                                               "default, quick value and description")) -> None:
     """List every probe: what it finds, its paper, its parameters with their defaults and quick values."""
     from headlab.probes import probes as registry
 
     try:
         known = registry()
+        if name is not None and name not in known:
+            raise InputError(f"unknown probe {name!r}; choose from {', '.join(known)}")
     except HeadlabError as error:
         _fail(str(error))
+    if name is not None:
+        probe = known[name]
+        typer.echo(f"{probe.name}: {probe.description}\n{probe.paper}\n")
+        for row in probe.describe_params():
+            quick = "" if row["quick"] == row["default"] else f", quick {_short(json.dumps(row['quick']))}"
+            typer.echo(f"{probe.name}.{row['name']} ({row['type']}, default {_short(json.dumps(row['default']))}{quick})"
+                       + (f": {row['description']}" if row["description"] else ""))
+        return
     for probe in known.values():
         table = Table(title=f"{probe.name} — {probe.description}", caption=probe.paper, title_justify="left")
         for column in ("parameter", "type", "default", "quick"):
@@ -388,16 +560,39 @@ def _short(value, width: int = 48) -> str:
 
 
 @app.command()
-def report(folder: Path = typer.Argument(..., help="a folder written by `headlab scan`")) -> None:
+def report(folder: Path = typer.Argument(..., help="a folder written by `headlab scan`"),
+           plotly: str = typer.Option("inline", help="inline (the page works alone) or shared (one plotly.js beside "
+                                                     "the scan folders, loaded by each report)")) -> None:
     """Re-render report.html (and heads.csv) from a scan folder's files."""
     from headlab.report import load_results, write_report
 
     try:
         summary, results = load_results(folder)
-        write_report(folder, summary, results)
+        write_report(folder, summary, results, plotly=plotly)
     except HeadlabError as error:
         _fail(str(error))
     console.print(f"report: {(folder / 'report.html').resolve()}")
+
+
+@app.command()
+def diff(first: Path = typer.Argument(..., help="a scan folder"), second: Path = typer.Argument(..., help="another "
+         "scan folder (another model, seed, or quick against full)"),
+         top: int = typer.Option(5, help="heads that moved most, per probe")) -> None:
+    """Compare two scans: per probe (and score column), the Spearman rank correlation over the heads both have and
+    the heads whose rank moved most."""
+    from headlab.diff import compare_scans
+    from headlab.report import load_results
+
+    try:
+        if top < 1:
+            raise InputError(f"--top must be at least 1, got {top}")
+        rows = compare_scans(load_results(first), load_results(second), top=top)
+    except HeadlabError as error:
+        _fail(str(error))
+    for row in rows:
+        moved = ", ".join(f"{m['name']} {m['rank_a']:g}->{m['rank_b']:g}" for m in row["moved"])
+        typer.echo(f"{row['column']}: Spearman {row['spearman']:.3f} over {row['n']} heads; top-{top} shared "
+                   f"{row['top_shared']}; moved most: {moved}")
 
 
 @app.command()

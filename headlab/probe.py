@@ -68,6 +68,8 @@ class Probe:
     Params: ClassVar[type]
     quick: ClassVar[dict] = {}
     columns: ClassVar[dict[str, str]]
+    signed: ClassVar[tuple[str, ...]] = ()  # columns whose sign means something (an effect, a correlation): the report
+    #                                         draws them on a diverging scale centred on 0
     needs_decoder: ClassVar[str | None] = None  # why, when the probe needs a causal language model
     min_context: ClassVar[int] = 8  # the shortest prompt (tokens) the probe can work with
     order: ClassVar[int] = 100  # where the probe comes in listings, scans and heads.csv (then by name)
@@ -112,14 +114,21 @@ class Probe:
         probe names no such line. Subclasses say why theirs is where it is."""
         return None
 
+    def validity(self, meta: dict) -> dict | None:
+        """What the table rests on, read from its meta: {"rests_on": the counts, "baseline": what the scores are
+        measured against, "warning": why not to trust them (e.g. the model fails the task), or None}; recorded in meta
+        so the report shows it without the probe's code. None: nothing to say beyond the intervals."""
+        return None
+
     def describe_params(self) -> list[dict]:
         """Each parameter: name, type, default and quick value (for `headlab probes` and the docs)."""
         hints = typing.get_type_hints(self.Params)
+        descriptions = param_descriptions(self.Params)
         out = []
         for f in dataclasses.fields(self.Params):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
-                        "quick": self.quick.get(f.name, default)})
+                        "quick": self.quick.get(f.name, default), "description": descriptions.get(f.name, "")})
         return out
 
     # ---- the work ----------------------------------------------------------------------------------------------
@@ -137,9 +146,13 @@ class Probe:
         from headlab.scores import versions
 
         seed = {"seed": params.seed} if hasattr(params, "seed") else {}
-        return {"probe": self.name, "paper": self.paper, "model": model.name, "geometry": model.geometry,
-                "params": dataclasses.asdict(params), **seed, "columns": dict(self.columns), **extra,
-                "versions": versions()}
+        meta = {"probe": self.name, "paper": self.paper, "model": model.name, "geometry": model.geometry,
+                "params": dataclasses.asdict(params), **seed, "columns": dict(self.columns),
+                "signed": list(self.signed), **extra, "versions": versions()}
+        validity = self.validity(meta)
+        if validity:
+            meta["validity"] = validity
+        return meta
 
     def scan(self, model, *, journal: str | Path | None = None, progress: bool = True, quick: bool = False,
              **params):
@@ -160,6 +173,39 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"<probe {self.name}: {self.description}>"
+
+
+def param_descriptions(params_class: type) -> dict[str, str]:
+    """What each parameter does, from the code: the comment after its field, and the part of the Params docstring
+    that starts with `name:` (up to the next `other:`), else the docstring's sentences that name it."""
+    import inspect
+    import re
+
+    names = [f.name for f in dataclasses.fields(params_class)]
+    out: dict[str, str] = {}
+    try:
+        source = inspect.getsource(params_class)
+    except (OSError, TypeError):
+        source = ""
+    for name in names:
+        comment = re.search(rf"^\s+{name}\s*:[^\n]*?#\s*(.+)$", source, re.M)
+        if comment:
+            out[name] = comment.group(1).strip()
+    doc = " ".join((params_class.__doc__ or "").split())
+    if doc.startswith(params_class.__name__ + "("):  # the dataclass' generated signature: no description
+        return out
+    labels = list(re.finditer(r"\b(" + "|".join(map(re.escape, names)) + r"):\s", doc)) if names else []
+    for i, match in enumerate(labels):
+        end = labels[i + 1].start() if i + 1 < len(labels) else len(doc)
+        text = doc[match.end():end].strip().rstrip(";,")
+        out.setdefault(match.group(1), text)
+    sentences = re.split(r"(?<=[.;])\s+", doc)
+    for name in names:
+        if name not in out:
+            mentions = [re.sub(r"^\w+:\s+", "", s) for s in sentences if re.search(rf"\b{re.escape(name)}\b", s)]
+            if mentions:
+                out[name] = " ".join(mentions)
+    return out
 
 
 def normalise(value: Any) -> Any:

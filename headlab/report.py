@@ -4,7 +4,6 @@ self-contained report.html (plotly embedded, works offline). Faces layer: reads 
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import shutil
@@ -41,9 +40,15 @@ def heads_table(results: dict[str, HeadScores]) -> pd.DataFrame:
         frame = scores.frame
         columns = {"score": probe}
         for column in frame.columns:
-            if column not in ("layer", "head", "name", "score") and pd.api.types.is_numeric_dtype(frame[column]):
+            if (column not in ("layer", "head", "name", "score") and not column.endswith(INTERVAL)
+                    and pd.api.types.is_numeric_dtype(frame[column])):
                 if not frame[column].equals(frame["score"]):
                     columns[column] = f"{probe}_{column}"
+        for column in list(columns):  # each column's interval beside it: score_lo -> <probe>_lo
+            for suffix in INTERVAL:
+                if column + suffix in frame.columns:
+                    columns[column + suffix] = columns[column] + suffix
+        columns = {c: columns[c] for c in frame.columns if c in columns}  # the probe's own column order
         part = frame[["layer", "head", "name", *columns]].rename(columns=columns)
         table = part if table is None else table.merge(part, on=["layer", "head", "name"], how="outer")
     if table is None:
@@ -51,6 +56,16 @@ def heads_table(results: dict[str, HeadScores]) -> pd.DataFrame:
     return table.sort_values(["layer", "head"]).reset_index(drop=True)
 
 
+INTERVAL = ("_lo", "_hi")  # suffixes of a column's confidence interval (headlab.uncertainty)
+
+
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """The columns of heads.csv that hold scores: not layer/head/name, not an interval bound, not constant."""
+    return [c for c in table.columns if c not in ("layer", "head", "name") and not c.endswith(INTERVAL)
+            and pd.api.types.is_numeric_dtype(table[c]) and table[c].nunique(dropna=True) > 1]
+
+
+EXAMPLES = "attention.json"  # every head's attention on short example prompts (headlab.viewer.head_examples)
 KEPT = ("kv",)  # folders other commands write into a scan folder (`headlab kv`), kept when the report is rewritten
 
 
@@ -69,80 +84,55 @@ def kv_section(kv_table: pd.DataFrame | None) -> str:
 
 
 def render_html(summary: dict, results: dict[str, HeadScores], top_k: int = 10,
-                kv_table: pd.DataFrame | None = None) -> str:
-    """A self-contained HTML report: model card, a heatmap per score, the sortable head atlas, top heads (and the
-    KV-cache policies evaluated on these scores, when `headlab kv` wrote them into the scan folder)."""
-    table = heads_table(results)
-    score_columns = [c for c in table.columns
-                     if c not in ("layer", "head", "name") and table[c].nunique(dropna=True) > 1]
-    figures = []
-    for i, column in enumerate(score_columns):
-        view = HeadScores(table[["layer", "head", column]].rename(columns={column: "score"}))
-        fig = view.figure(title=f"{column} — {summary['model']}")
-        figures.append(f'<section><h3>{html.escape(column)}</h3><p class="meaning">'
-                       f'{html.escape(meaning(results, column))}</p>'
-                       + fig.to_html(include_plotlyjs=(i == 0), full_html=False, div_id=f"heatmap-{i}")
-                       + "</section>")
-    tops = []
-    for column in score_columns:
-        top = table.sort_values(column, ascending=False).head(top_k)
-        items = "".join(f"<li><code>{r['name']}</code> {r[column]:.3f}</li>" for _, r in top.iterrows())
-        tops.append(f"<div class='top'><h4>{html.escape(column)}</h4><ol>{items}</ol></div>")
-    card = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in summary.get("geometry", {}).items())
-    timings = "".join(f"<tr><th>{html.escape(p)}</th><td>{t:.1f} s</td></tr>"
-                      for p, t in summary.get("seconds", {}).items())
-    failures = "".join(f"<li><b>{html.escape(p)}</b> failed: {html.escape(e)}</li>"
-                       for p, e in summary.get("failed", {}).items())
-    failures = f'<h2>Failed probes</h2><ul class="failed">{failures}</ul>' if failures else ""
-    atlas = table.to_html(index=False, float_format="{:.4f}".format, table_id="atlas", classes="atlas")
-    params = "".join(f"<details><summary>{html.escape(probe)}</summary><pre>"
-                     f"{html.escape(json.dumps(values, indent=1, default=str)[:20000])}</pre></details>"
-                     for probe, values in summary.get("params", {}).items())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>headlab report — {html.escape(summary['model'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
-table.atlas th {{ cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }}
-.tops {{ display: flex; flex-wrap: wrap; gap: 2em; }} .meaning {{ color: #555; }}
-</style></head><body>
-<h1>headlab report: {html.escape(summary['model'])}</h1>
-<h2>Model</h2><table>{card}</table>
-<h2>Probes</h2><table>{timings}</table>
-<h3>Parameters (re-run with <code>headlab scan --config &lt;this folder&gt;/scan.json</code>)</h3>{params}
-<p>headlab {html.escape(summary.get('versions', {}).get('headlab', ''))}, seed {summary.get('seed')}</p>
-{failures}
-<h2>Top heads</h2><div class="tops">{''.join(tops)}</div>
-<h2>Heatmaps</h2>{''.join(figures)}
-<h2>Head atlas</h2><p>Click a column header to sort.</p>{atlas}
-{kv_section(kv_table)}
-<script>
-document.querySelectorAll("table.atlas th").forEach((th, col) => th.addEventListener("click", () => {{
-  const body = th.closest("table").tBodies[0];
-  const rows = Array.from(body.rows);
-  const down = th.dataset.dir !== "desc"; th.dataset.dir = down ? "desc" : "asc";
-  const key = r => {{ const t = r.cells[col].textContent; const x = parseFloat(t); return isNaN(x) ? t : x; }};
-  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (down ? -1 : 1));
-  rows.forEach(r => body.appendChild(r));
-}}));
-</script>
-</body></html>
-"""
+                kv_table: pd.DataFrame | None = None, examples: list | None = None,
+                plotly_src: str | None = None) -> str:
+    """A self-contained HTML report (headlab.report_html): what was run and whether to trust it, head roles, a section
+    per probe, the head atlas and a page per head (and the KV-cache policies `headlab kv` wrote into the folder)."""
+    from headlab.report_html import render_html as page
+
+    return page(summary, results, kv_html=kv_section(kv_table), examples=examples, plotly_src=plotly_src,
+                top_k=top_k)
 
 
-def write_report(out: str | Path, summary: dict, results: dict[str, HeadScores]) -> Path:
-    """Write heads.csv, scan.json, report.html and each probe's table into `out`, all or nothing:
-    everything goes to a sibling temporary folder that then replaces `out`."""
+PLOTLY_FILE = "plotly-{version}.min.js"
+
+
+def shared_plotly(out: Path) -> str:
+    """Write plotly.js once beside the scan folder (shared by every report in that parent folder) and return the
+    relative path report.html loads it from."""
+    import plotly
+    import plotly.offline
+
+    name = PLOTLY_FILE.format(version=plotly.__version__)
+    target = out.resolve().parent / name
+    if not target.exists():
+        atomic_write_text(target, plotly.offline.get_plotlyjs())
+    return f"../{name}"
+
+
+def write_report(out: str | Path, summary: dict, results: dict[str, HeadScores], *, examples: list | None = None,
+                 plotly: str = "inline") -> Path:
+    """Write heads.csv, scan.json, report.html, attention.json (the head pages' example prompts: `examples`, else
+    the folder's own) and each probe's table into `out`, all or nothing: everything goes to a sibling temporary
+    folder that then replaces `out`. plotly: "inline" (the page works alone) or "shared" (one plotly.js file beside
+    the scan folders, loaded by each report)."""
     out = Path(out)
+    if plotly not in ("inline", "shared"):
+        raise InputError(f"plotly must be 'inline' or 'shared', got {plotly!r}")
     kv_table = pd.read_csv(out / "kv" / "kv.csv") if (out / "kv" / "kv.csv").exists() else None
+    if examples is None and (out / EXAMPLES).exists():
+        examples = json.loads((out / EXAMPLES).read_text())
+    source = shared_plotly(out) if plotly == "shared" else None
     with atomic_folder(out) as staging:
         for name in KEPT:
             if (out / name).is_dir():
                 shutil.copytree(out / name, staging / name)
         atomic_write_text(staging / "heads.csv", heads_table(results).to_csv(index=False))
         atomic_write_text(staging / "scan.json", json.dumps(summary, indent=2, default=str))
-        atomic_write_text(staging / "report.html", render_html(summary, results, kv_table=kv_table))
+        if examples:
+            atomic_write_text(staging / EXAMPLES, json.dumps(examples, separators=(",", ":")))
+        atomic_write_text(staging / "report.html", render_html(summary, results, kv_table=kv_table,
+                                                               examples=examples, plotly_src=source))
         for probe, scores in results.items():
             scores.save(staging / "probes" / probe)
     return Path(out)

@@ -93,25 +93,34 @@ class HeadScores:
         return out
 
     def top(self, k: int = 10, by: str = "score") -> pd.DataFrame:
-        """The k rows with the highest `by`, best first."""
+        """The k rows with the highest `by`, best first; where `by` has a confidence interval (`<by>_lo`, `<by>_hi`),
+        `overlaps_next` flags a head whose interval overlaps the next head's (their order is not established)."""
         if by not in self.frame.columns:
             raise InputError(f"no column {by!r}; the columns are {list(self.frame.columns)}")
-        return self.frame.sort_values(by, ascending=False, kind="stable").head(k).reset_index(drop=True)
+        ranked = self.frame.sort_values(by, ascending=False, kind="stable").reset_index(drop=True)
+        lo, hi = f"{by}_lo", f"{by}_hi"
+        if lo in ranked.columns and hi in ranked.columns:
+            ranked["overlaps_next"] = (ranked[lo] <= ranked[hi].shift(-1)).fillna(False).astype(bool)
+        return ranked.head(k)
 
     def heads(self, k: int = 10, by: str = "score") -> list[tuple[int, int]]:
         """The top-k heads as (layer, head) tuples."""
         top = self.top(k, by)
         return list(zip(top["layer"].tolist(), top["head"].tolist()))
 
-    def figure(self, column: str = "score", title: str | None = None):
-        """A plotly heatmap, layers down and heads across, hover shows L{l}H{h} and the value."""
+    def figure(self, column: str = "score", title: str | None = None, signed: bool | None = None):
+        """A plotly heatmap, layers down and heads across, hover shows L{l}H{h} and the value. A signed score (the
+        probe's `signed` columns, recorded in meta) gets a diverging scale centred on 0, others Viridis."""
         import plotly.graph_objects as go
 
+        if signed is None:
+            signed = column in self.meta.get("signed", ())
         values = self.matrix(column)
         names = [[head_name(layer, head) for head in range(self.n_heads)] for layer in range(self.n_layers)]
+        scale = {"colorscale": "RdBu", "reversescale": True, "zmid": 0.0} if signed else {"colorscale": "Viridis"}
         fig = go.Figure(go.Heatmap(
             z=values, x=list(range(self.n_heads)), y=list(range(self.n_layers)), text=names,
-            hovertemplate="%{text}: %{z:.4f}<extra></extra>", colorscale="Viridis", colorbar={"title": column},
+            hovertemplate="%{text}: %{z:.4f}<extra></extra>", colorbar={"title": column}, **scale,
         ))
         probe, model = self.meta.get("probe", "scores"), self.meta.get("model", "")
         fig.update_layout(

@@ -19,6 +19,7 @@ from headlab.hooks import attention_patterns
 from headlab.probe import Probe, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores
+from headlab.uncertainty import intervals, method
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
 ERROR_MEASURES = ("mul", "abs")
@@ -92,15 +93,21 @@ def pattern_similarity(
     return 1 - diff.sum((-1, -2)) / n_rows
 
 
-def detector_sums(model, chunk: Int[torch.Tensor, "batch pos"], detectors=DETECTORS, *, exclude_bos: bool = False,
-                  exclude_current_token: bool = False, error_measure: str = "mul", rows: str = "all"
-                  ) -> dict[str, Float[torch.Tensor, "layer head"]]:
-    """Each detector's per-head score summed over the prompts of one batch (fp32, in batch order)."""
+def detector_values(model, chunk: Int[torch.Tensor, "batch pos"], detectors=DETECTORS, *, exclude_bos: bool = False,
+                    exclude_current_token: bool = False, error_measure: str = "mul", rows: str = "all"
+                    ) -> dict[str, Float[torch.Tensor, "batch layer head"]]:
+    """Each detector's per-head score on every prompt of one batch (fp32)."""
     patterns = attention_patterns(model, chunk).float().cpu()
     return {kind: pattern_similarity(patterns, detection_patterns(chunk, kind), exclude_bos=exclude_bos,
                                      exclude_current_token=exclude_current_token, error_measure=error_measure,
-                                     rows=rows).sum(0)
+                                     rows=rows)
             for kind in detectors}
+
+
+def detector_sums(model, chunk: Int[torch.Tensor, "batch pos"], detectors=DETECTORS, **options
+                  ) -> dict[str, Float[torch.Tensor, "layer head"]]:
+    """Each detector's per-head score summed over the prompts of one batch (fp32, in batch order)."""
+    return {kind: values.sum(0) for kind, values in detector_values(model, chunk, detectors, **options).items()}
 
 
 def detector_scores(
@@ -199,6 +206,13 @@ class Detectors(Probe):
         """Half of the attention on the induction target: the head does more of it than anything else."""
         return 0.5
 
+    def validity(self, meta):
+        params = meta["params"]
+        prompts = (f"{meta['n_prompts']} texts" if params["texts"] is not None else
+                   f"{meta['n_prompts']} prompts of {params['seq_len']} random tokens repeated twice")
+        return {"rests_on": prompts, "baseline": "none: each score is a share of the head's attention (0 to 1)",
+                "warning": None}
+
     def check_params(self, params):
         if params.error_measure not in ERROR_MEASURES:
             raise InputError(f"unknown error measure {params.error_measure!r}; use 'mul' or 'abs'")
@@ -229,19 +243,23 @@ class Detectors(Probe):
         prompts = self.prompts(model, params)
         start, stop = unit.data["start"], unit.data["stop"]
         chunk = prompts[start:stop] if isinstance(prompts, torch.Tensor) else prompt_batches(prompts[start:stop], 1)[0]
-        sums = detector_sums(model, chunk, exclude_bos=params.exclude_bos,
-                             exclude_current_token=params.exclude_current_token,
-                             error_measure=params.error_measure, rows=params.rows)
-        return {"sums": sums, "n": stop - start}
+        values = detector_values(model, chunk, exclude_bos=params.exclude_bos,
+                                 exclude_current_token=params.exclude_current_token,
+                                 error_measure=params.error_measure, rows=params.rows)
+        return {"sums": {kind: v.sum(0) for kind, v in values.items()}, "values": values, "n": stop - start}
 
     def merge(self, model, params, partials):
         sums = {kind: torch.zeros(model.n_layers, model.n_heads) for kind in DETECTORS}
+        values: dict[str, list] = {kind: [] for kind in DETECTORS}  # per prompt, in prompt order
         for _, partial in iter_partials(partials):
             for kind in DETECTORS:
                 sums[kind] += torch.tensor(partial["sums"][kind], dtype=torch.float32)
+                values[kind] += partial["values"][kind]
         n_prompts = sum(partial["n"] for partial in partials.values())
         scores = {kind: total / n_prompts for kind, total in sums.items()}
-        return HeadScores.from_matrix(scores["induction"], self.meta(model, params, n_prompts=n_prompts), **scores)
+        bounds = intervals({"score": values["induction"], **values})
+        meta = self.meta(model, params, n_prompts=n_prompts, uncertainty=method("prompts", n_prompts))
+        return HeadScores.from_matrix(scores["induction"], meta, **scores, **bounds)
 
 
 PROBE = Detectors()

@@ -28,6 +28,7 @@ from headlab.data import haystack_sentences
 from headlab.errors import InputError
 from headlab.probe import Probe, Unit, iter_partials
 from headlab.scores import HeadScores
+from headlab.uncertainty import intervals, method
 from headlab.stats import pearson, spearman  # noqa: F401 - spearman: part of this module's API (studies)
 
 FUSIONS = ("mean", "max", "min")
@@ -316,9 +317,15 @@ class Flow(Probe):
     columns = {"score": "agreement (Pearson) of the head's attention from the last position with the attention flow "
                         "(Abnar & Zuidema) of the whole model"}
 
+    signed = ("score",)
+
     def threshold(self, scores):
         """A Pearson correlation above 0.5 with the flow: the head's attention follows it more than it departs."""
         return 0.5
+
+    def validity(self, meta):
+        return {"rests_on": f"{meta['n_texts']} texts", "baseline": "0: no correlation with the model's attention flow",
+                "warning": None}
 
     def check_params(self, params):
         if params.fuse not in FUSIONS or not 0 <= params.residual <= 1:
@@ -341,10 +348,14 @@ class Flow(Probe):
 
     def merge(self, model, params, partials):
         agreement = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+        per_text = []
         for _, partial in iter_partials(partials):
-            agreement += torch.tensor(partial["agreement"], dtype=torch.float64)
+            per_text.append(torch.tensor(partial["agreement"], dtype=torch.float64))
+            agreement += per_text[-1]
         count = len(partials)
-        return HeadScores.from_matrix(agreement / count, self.meta(model, params, n_texts=count))
+        return HeadScores.from_matrix(agreement / count, self.meta(model, params, n_texts=count,
+                                                                   uncertainty=method("texts", count)),
+                                      **intervals({"score": torch.stack(per_text)}))
 
 
 PROBE = Flow()

@@ -30,6 +30,7 @@ from headlab.probe import Probe, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name
 from headlab.tasks import LETTERS, MCQAItem, load_mcqa, mcqa_item
+from headlab.uncertainty import intervals, method
 
 EXTRA_OPTIONS = ("None of the above", "I don't know")
 KEYS = ("newline", "letter")
@@ -236,6 +237,14 @@ class QKScore(Probe):
         """Twice chance accuracy on the validation split (chance: one over the options)."""
         return min(1.0, 2 * scores.meta["test"]["chance"])
 
+    def validity(self, meta):
+        test = meta["test"]
+        warning = (f"the model's own answer (letter logits) is at chance on the test split ({test['baseline']:.2f}, "
+                   f"chance {test['chance']:.2f})" if test["baseline"] <= test["chance"] else None)
+        return {"rests_on": f"{test['n_validation']} validation and {test['n_test']} test items",
+                "baseline": f"letter logits {test['baseline']:.2f} on the test split, chance {test['chance']:.2f}; best "
+                            f"head {test['qk_head']} {test['qk']:.2f}", "warning": warning}
+
     def check_params(self, params):
         if params.key not in KEYS or params.rope not in ROPE:
             raise InputError(f"key must be one of {KEYS} and rope one of {ROPE}, got {params.key!r}, {params.rope!r}")
@@ -296,12 +305,16 @@ class QKScore(Probe):
             "attn_head": head_name(*best_attn), "attn": float(pick_accuracy(attn[best_attn][test], answers[test])),
             "chance": float(np.mean([1 / (len(item.options) + len(params.extra_options)) for item in items])),
         }
-        meta = self.meta(model, params, n_items=len(items), test=test_meta)
+        meta = self.meta(model, params, n_items=len(items), test=test_meta,
+                         uncertainty=method("items (validation split; test split for test_*)", len(val)))
         if params.permutations:
             meta["permutations"] = permutation_robustness(items, picks, best_qk, best_attn)
+        right = {"qk": (qk == answers).double().permute(2, 0, 1), "attn": (attn == answers).double().permute(2, 0, 1)}
+        bounds = intervals({"score": right["qk"][val], "attn_accuracy": right["attn"][val],  # [items, L, H] each
+                            "test_accuracy": right["qk"][test], "test_attn_accuracy": right["attn"][test]})
         return HeadScores.from_matrix(qk_val, meta, attn_accuracy=attn_val,
                                       test_accuracy=pick_accuracy(qk[:, :, test], answers[test]),
-                                      test_attn_accuracy=pick_accuracy(attn[:, :, test], answers[test]))
+                                      test_attn_accuracy=pick_accuracy(attn[:, :, test], answers[test]), **bounds)
 
 
 def pick_accuracy(picks: Int[torch.Tensor, "... items"], answers: Int[torch.Tensor, "items"]) -> torch.Tensor:

@@ -48,6 +48,7 @@ from headlab.niah import (  # noqa: F401 - the task and its answer rule
 from headlab.probe import Probe, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name
+from headlab.uncertainty import intervals, method
 
 RETRIEVAL_THRESHOLD = 0.1  # the paper's cut: heads above it are "retrieval heads"
 
@@ -193,6 +194,14 @@ class Retrieval(Probe):
         """The paper's cut: heads above 0.1 are retrieval heads."""
         return RETRIEVAL_THRESHOLD
 
+    def validity(self, meta):
+        counted, tests = meta["n_counted"], meta["n_tests"]
+        warning = (f"the model retrieved the answer in only {counted} of {tests} tests: the scores rest on few tests"
+                   if counted < max(2, tests / 2) else None)
+        return {"rests_on": f"{counted} of {tests} NIAH tests counted (answer retrieved, ROUGE-1 recall > 0.5)",
+                "baseline": f"NIAH accuracy {meta['accuracy']:.2f}; heads above 0.1 are retrieval heads",
+                "warning": warning}
+
     def check_params(self, params):
         self.task(params)  # every check of the task, before any compute
         return params
@@ -226,11 +235,16 @@ class Retrieval(Probe):
         score = retrieval_scores(outcomes)
         n_counted = sum(r.retrieved for r in outcomes)
         columns = {"n_counted": torch.full_like(score, n_counted)}
+        samples = {"score": [r.head_scores for r in outcomes if r.retrieved]}  # the counted tests, in test order
         for length in params.lengths:
             of_length = [r for r in outcomes if r.length == length]
             columns[f"score_{length}"] = (retrieval_scores(of_length) if any(r.retrieved for r in of_length)
                                           else torch.full_like(score, float("nan")))
+            samples[f"score_{length}"] = torch.tensor([r.head_scores for r in of_length if r.retrieved],
+                                                      dtype=torch.float64).reshape(-1, *score.shape)
+        columns.update(intervals(samples))
         meta = self.meta(model, params, task=self.task(params).describe(), n_tests=len(outcomes),
+                         uncertainty=method("counted NIAH tests", n_counted),
                          n_counted=n_counted, accuracy=n_counted / len(outcomes),
                          **{"fraction_above_0.1": float((score > RETRIEVAL_THRESHOLD).double().mean())},
                          tests=[{k: v for k, v in asdict(r).items() if k != "head_scores"} for r in outcomes])

@@ -38,6 +38,7 @@ from headlab.probe import Probe, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name
 from headlab.tasks import ClassificationTask, evaluate
+from headlab.uncertainty import intervals, method
 
 ALPHA, BETA, MIN_QUERIES = 0.1, 0.4, 32
 STABLE = 1e-6  # rows with less non-sink mass than this are left as they are (nothing to hand the mass to)
@@ -145,6 +146,11 @@ class Sinks(Probe):
         """Any attention on a non-initial sink: the head has at least one (score is 0 when it has none)."""
         return 0.0
 
+    def validity(self, meta):
+        return {"rests_on": f"{meta['n_texts']} texts of {max(meta['lengths'])} tokens",
+                "baseline": f"a key is a sink above alpha = {meta['params']['alpha']} received attention per query; "
+                            f"{meta['heads_with_sinks']} heads have one", "warning": None}
+
     def check_params(self, params):
         _check(params.alpha, BETA, params.min_queries)
         if params.texts == () or (params.texts is None and params.n_texts < 1):
@@ -177,6 +183,7 @@ class Sinks(Probe):
 
     def merge(self, model, params, partials):
         first, other, count, present = 0, 0, 0, 0
+        samples: dict[str, list] = {"score": [], "first_mass": [], "n_sinks": [], "sink_rate": []}  # per text
         sink_tokens: Counter = Counter()
         positions: dict[str, list] = {}
         for index, (_, partial) in enumerate(iter_partials(partials)):
@@ -185,14 +192,18 @@ class Sinks(Probe):
             per_head = torch.tensor(partial["per_head"], dtype=torch.long)
             count = count + per_head
             present = present + (per_head > 0)
+            for column, value in zip(samples, (partial["other_mass"], partial["first_mass"], per_head, per_head > 0)):
+                samples[column].append(torch.as_tensor(value, dtype=torch.float64))
             for layer, head, position, token in partial["sinks"]:
                 sink_tokens[token] += 1
                 positions.setdefault(head_name(layer, head), []).append([index, position, token])
         n = len(partials)
         meta = self.meta(model, params, n_texts=n, lengths=[p["length"] for _, p in iter_partials(partials)],
                          sink_tokens=sink_tokens.most_common(20), sink_positions=positions,
-                         heads_with_sinks=int(((count / n) > 0).sum()))
-        return HeadScores.from_matrix(other / n, meta, first_mass=first / n, n_sinks=count / n, sink_rate=present / n)
+                         heads_with_sinks=int(((count / n) > 0).sum()), uncertainty=method("texts", n))
+        bounds = intervals({column: torch.stack(values) for column, values in samples.items()})
+        return HeadScores.from_matrix(other / n, meta, first_mass=first / n, n_sinks=count / n, sink_rate=present / n,
+                                      **bounds)
 
 
 PROBE = Sinks()

@@ -35,6 +35,7 @@ from headlab.interventions import scale_heads
 from headlab.niah import build_prompt, niah_task, stop_token_ids
 from headlab.probe import Probe, Unit, iter_partials
 from headlab.scores import HeadScores
+from headlab.uncertainty import intervals, method
 
 PAPER_ALPHA = 2.0
 
@@ -260,6 +261,10 @@ class Vision(Probe):
         "tokens": "generated tokens scored",
     }
 
+    def validity(self, meta):
+        return {"rests_on": f"{meta['n_prompts']} prompts, {meta['generated_tokens']} generated tokens",
+                "baseline": "0: the head's output does not change without the span", "warning": None}
+
     def threshold(self, scores):
         """VHD is a distance in each model's own units: heads above the model's mean + one standard deviation (the
         outlier line VHR draws)."""
@@ -306,16 +311,24 @@ class Vision(Probe):
         total = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
         norm, mass = torch.zeros_like(total), torch.zeros_like(total)
         count = 0
+        samples: dict[str, list] = {"score": [], "text_norm": [], "span_attention": [], "tokens": []}  # per prompt
         for _, partial in iter_partials(partials):
             total += torch.tensor(partial["vhd"], dtype=torch.float64)
             norm += torch.tensor(partial["text_norm"], dtype=torch.float64)
             if params.attention:
                 mass += torch.tensor(partial["span_attention"], dtype=torch.float64)
             count += partial["tokens"]
+            for column, key in (("score", "vhd"), ("text_norm", "text_norm"), ("span_attention", "span_attention")):
+                if key in partial:
+                    samples[column].append(torch.tensor(partial[key], dtype=torch.float64))
+            samples["tokens"].append(partial["tokens"])
         columns = {"text_norm": norm / count, "tokens": torch.full_like(total, count)}
         if params.attention:
             columns["span_attention"] = mass / count
-        meta = self.meta(model, params, n_prompts=len(partials), generated_tokens=count)
+        tokens = samples.pop("tokens")  # the means are over generated tokens: sums over prompts / their tokens
+        columns.update(intervals({c: torch.stack(v) for c, v in samples.items() if v}, weights=torch.tensor(tokens)))
+        meta = self.meta(model, params, n_prompts=len(partials), generated_tokens=count,
+                         uncertainty=method("prompts (ratio of sums over their generated tokens)", len(partials)))
         return HeadScores.from_matrix(total / count, meta=meta, **columns)
 
 

@@ -66,6 +66,14 @@ def _corrupted_scores(tmp):
     return _scan_with_scores(tmp, lambda text: text + '7,1,"L7H1,0.5\n8,2,oops,"x",1,2,3\n')
 
 
+def _quick_scan(tmp):
+    """A finished quick scan of tiny-llama (detectors and flow): the folder a careless rerun would destroy."""
+    folder = tmp / "earlier-scan"
+    result = runner.invoke(app, ["scan", "tiny-llama", "--probes", "detectors,flow", "--quick", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    return str(folder)
+
+
 # (id, arguments with {model} / {out} placeholders, how to make the model argument, what the sentence says)
 ROWS = [
     ("unknown-model", ["scan", "smolm2-135m"], None, "unknown model"),
@@ -87,6 +95,13 @@ ROWS = [
     ("kv-corrupted-scores", ["kv", "tiny-llama", "--scores", "{model}"], _corrupted_scores,
      "not a readable HeadScores table"),
     ("sweep-unknown-model", ["sweep", "tiny-llama", "nonexistent-model"], None, "unknown model 'nonexistent-model'"),
+    ("scan-folder-of-other-settings", ["scan", "tiny-llama", "--probes", "detectors", "--out", "{model}"], _quick_scan,
+     "holds a scan with other settings (quick True there, False here); choose another --out or pass --overwrite"),
+    ("scan-folder-of-other-parameters", ["scan", "tiny-llama", "--probes", "flow", "--quick", "--set",
+                                         "flow.n_texts=3", "--out", "{model}"], _quick_scan,
+     "holds flow run with other parameters (n_texts)"),
+    ("scan-folder-of-another-model", ["scan", "tiny-gemma3", "--probes", "flow", "--quick", "--out", "{model}"],
+     _quick_scan, "holds a scan of tiny-llama, not tiny-gemma3"),
 ]
 
 

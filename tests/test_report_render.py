@@ -65,3 +65,68 @@ def test_sweep_of_two_real_models_writes_both_scans_and_an_atlas_that_renders(tm
     assert not [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     drawn = re.findall(r'<div id="atlas-[a-z0-9-]+" class="[^"]*js-plotly-plot', dom.stdout)
     assert len(drawn) == 1 + 2  # the depth strip and one agreement heatmap per model
+
+
+def _report_dom(url, tmp_path):
+    dom = chromium("--enable-logging=stderr", "--v=0", "--dump-dom", url, cwd=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    return dom.stdout
+
+
+@pytest.mark.browser
+@pytest.mark.real
+@pytest.mark.slow
+def test_a_real_quick_scan_report_says_what_ran_and_whether_to_trust_it(tmp_path):
+    """SmolLM2's quick scan: header, baselines, the IOI warning, head pages behind every cell and row, the atlas
+    filter; screenshots of the page, a head page, a probe and the atlas go to $HEADLAB_SCREENSHOTS when it is set."""
+    out = tmp_path / "scan"
+    result = CliRunner().invoke(app, ["scan", "smollm2-135m", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    check_real_report(out, tmp_path)
+
+
+def check_real_report(out, tmp_path):
+    """The checks of a quick SmolLM2 scan folder's report.html (also run by hand on an existing folder)."""
+    import html
+    import json
+    import os
+
+    import pandas as pd
+
+    heads = pd.read_csv(out / "heads.csv")
+    page = (out / "report.html").read_text()
+    url = (out / "report.html").resolve().as_uri()
+    top = heads.sort_values("detectors", ascending=False)["name"].iloc[0]
+    dom = _report_dom(f"{url}#{top}", tmp_path)
+    summary = json.loads((out / "scan.json").read_text())
+    assert "<b class=\"badge quick\">quick</b>" in dom
+    for package, version in summary["versions"].items():
+        assert f"{package} {version}" in dom
+    for probe in summary["probes"]:
+        baseline = json.loads((out / "probes" / f"{probe}.json").read_text())["validity"]["baseline"]
+        assert html.escape(baseline, quote=False) in dom, probe
+    assert "the model fails the task on the clean prompts (clean logit difference -2.35, accuracy 0.25 on 4 pairs)" in dom
+    # every heatmap cell and atlas row names a head whose page exists
+    pages = set(re.findall(r'<section class="head-page" id="(L\d+H\d+)"', dom))
+    assert pages == set(heads["name"])
+    figures = re.findall(r'<div id="heatmap-\d+" class="[^"]*js-plotly-plot', dom)
+    assert len(figures) == len(re.findall(r'id="heatmap-\d+"', page)) >= 20
+    cells = set(re.findall(r'"(L\d+H\d+)"', "".join(re.findall(r'Plotly\.newPlot\([^;]*', page))))
+    assert cells == pages
+    rows = re.findall(r'<tr data-row="\d+"><td><a href="#(L\d+H\d+)">', dom)
+    assert sorted(rows) == sorted(pages)
+    assert f"Head {top}</h2>" in dom and "GQA group: KV head" in dom and "95% interval" in dom
+    # the atlas filters (from the address, as a shared link would)
+    filtered = _report_dom(f"{url}?filter=L18#head-atlas", tmp_path)
+    assert 'id="atlas-count">9 of 270 heads' in filtered
+    visible = re.findall(r'<tr data-row="\d+"><td><a href="#(L\d+H\d+)">', filtered)  # hidden rows carry a style
+    assert sorted(visible) == sorted(f"L18H{h}" for h in range(9))
+    shots = os.environ.get("HEADLAB_SCREENSHOTS")
+    if shots:
+        for name, address in (("report-top", url), ("report-head", f"{url}#L18H6"),
+                              ("report-probe", f"{url}?view=probe-retrieval"),
+                              ("report-atlas", f"{url}?filter=L18&view=atlas-part")):
+            done = chromium("--window-size=1400,1000", f"--screenshot={shots}/{name}.png", address, cwd=tmp_path)
+            assert done.returncode == 0

@@ -123,6 +123,8 @@ def activation_patch(model, clean, corrupted, component: str = "z", *, over: Seq
     values = torch.full((model.n_layers, *sizes), float("nan"))
     tensor_axes = COMPONENTS[component]
     n, n_pos = clean.shape
+    per_prompt = getattr(metric, "per_prompt", None)  # a batch-mean metric's terms, kept for intervals
+    prompt_values = torch.full((model.n_layers, *sizes, n), float("nan")) if per_prompt else None
     chunk = _chunk_size(model, n, n_pos, memory_budget)
     jobs = _jobs(layers, list(product(*(range(s) for s in sizes))), axes, n, n_pos, chunk, base.can_start_late)
     for layer, start, batch in progress_bar(jobs, f"patching {component}", disable=not progress):
@@ -135,8 +137,14 @@ def activation_patch(model, clean, corrupted, component: str = "z", *, over: Seq
         logits = base.resume(layer, len(batch), [(name, hook)], _last_only(metric), start=start)
         for c, index in enumerate(batch):
             values[(layer, *index)] = _scalar(metric, logits[c * n:(c + 1) * n])
-    return PatchResult(component, axes, values, values_clean, values_corrupted, direction,
-                       {"layers": layers, "chunk": chunk, "n_prompts": n, "forwards": len(jobs)})
+            if per_prompt:
+                prompt_values[(layer, *index)] = per_prompt(logits[c * n:(c + 1) * n])
+    meta = {"layers": layers, "chunk": chunk, "n_prompts": n, "forwards": len(jobs)}
+    if per_prompt:
+        clean_run, corrupted_run = (source, base) if direction == "denoise" else (base, source)
+        meta.update(per_prompt=prompt_values, clean_per_prompt=per_prompt(clean_run.logits),
+                    corrupted_per_prompt=per_prompt(corrupted_run.logits))
+    return PatchResult(component, axes, values, values_clean, values_corrupted, direction, meta)
 
 
 POSITION_AXES = ("pos", "dest")  # a patch here leaves earlier positions unchanged (causal models)
@@ -341,7 +349,12 @@ def attribution_patch(model, clean, corrupted, component: str = "z", *, over: Se
     summed = tuple(i for i, a in enumerate(tensor_axes) if a not in axes)
     values = torch.stack([((source[name] - acts[name]) * grads[name]).sum(dim=summed) for name in names]) + base_value
     clean_value, corrupted_value = (source_value, base_value) if direction == "denoise" else (base_value, source_value)
-    return PatchResult(component, axes, values, clean_value, corrupted_value, direction, {"method": "attribution"})
+    meta = {"method": "attribution"}
+    if getattr(metric, "per_prompt", None):  # a batch mean: prompt b's own estimated change is n x its term
+        by_prompt = tuple(i for i in summed if i != 0)
+        meta["per_prompt_delta"] = torch.stack([((source[name] - acts[name]) * grads[name]).sum(dim=by_prompt)
+                                                for name in names]).movedim(1, -1) * base_tokens.shape[0]
+    return PatchResult(component, axes, values, clean_value, corrupted_value, direction, meta)
 
 
 def edge_attribution(model, clean, corrupted, *, metric: Metric | None = None, answer=None, wrong=None,

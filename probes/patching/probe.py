@@ -14,6 +14,7 @@ from headlab.probes.patching.tasks import IOI_NAMES, PatchingTask, ioi_task, mcq
 from headlab.scores import HeadScores
 from headlab.settings import constrained
 from headlab.stats import agreement
+from headlab.uncertainty import intervals, method
 from headlab.tasks import load_mcqa
 
 
@@ -52,9 +53,21 @@ class Patching(Probe):
                "from the run)",
     }
 
+    signed = ("score", "noising", "attribution", "dla")
+
     def threshold(self, scores):
         """Patching the head restores a tenth of the clean - corrupted gap."""
         return 0.1
+
+    def validity(self, meta):
+        pairs = meta["task_info"].get("n_pairs", meta.get("uncertainty", {}).get("n"))
+        clean, corrupted, accuracy = meta["clean_metric"], meta["corrupted_metric"], meta["accuracy"]
+        warning = (f"the model fails the task on the clean prompts (clean logit difference {clean:.2f}, accuracy "
+                   f"{accuracy:.2f} on {pairs} pairs): the scores say which heads carry the answer it gives, not a "
+                   "circuit that solves the task" if clean <= 0 or accuracy < 0.5 else None)
+        return {"rests_on": f"{pairs} prompt pairs ({meta['task']})",
+                "baseline": f"clean logit difference {clean:.2f}, corrupted {corrupted:.2f}, clean accuracy "
+                            f"{accuracy:.2f}", "warning": warning}
 
     def check_params(self, params):
         if not (isinstance(params.task, dict) or params.task in ("ioi", "mcqa")):
@@ -81,26 +94,33 @@ class Patching(Probe):
         task = self.task(model, params)
         if unit.key == "whole-attribution":
             attribution = attribution_patch(model, task.clean, task.corrupted, "z", over=("head",), metric=task.metric)
-            return {"effect": attribution.effect, "accuracy": task.accuracy(model)}
+            return {"effect": attribution.effect, "accuracy": task.accuracy(model),
+                    "delta_pairs": attribution.meta["per_prompt_delta"]}
         if unit.key == "whole-dla":
-            return {"heads": direct_logit_attribution(model, task.clean, task.answer, task.wrong)["heads"]}
+            pairs = [direct_logit_attribution(model, task.clean[i:i + 1], task.answer[i:i + 1], task.wrong[i:i + 1])
+                     ["heads"] for i in range(len(task.answer))]  # per prompt, for the interval
+            return {"heads": direct_logit_attribution(model, task.clean, task.answer, task.wrong)["heads"],
+                    "pairs": torch.stack(pairs)}
         layers = unit.data["layers"]
         common = dict(metric=task.metric, over=("head",), layers=layers, progress=False,
                       memory_budget=params.memory_budget)
         denoise = activation_patch(model, task.clean, task.corrupted, "z", **common)
         noise = activation_patch(model, task.clean, task.corrupted, "z", direction="noise", **common)
         return {"layers": layers, "denoise": denoise.values[layers], "noise": noise.values[layers],
-                "clean": denoise.clean, "corrupted": denoise.corrupted}
+                "clean": denoise.clean, "corrupted": denoise.corrupted,
+                "denoise_pairs": denoise.meta["per_prompt"][layers], "noise_pairs": noise.meta["per_prompt"][layers],
+                "clean_pairs": denoise.meta["clean_per_prompt"], "corrupted_pairs": denoise.meta["corrupted_per_prompt"]}
 
     def merge(self, model, params, partials):
-        rows: dict[str, dict[int, list]] = {"denoise": {}, "noise": {}}
+        rows: dict[str, dict[int, list]] = {"denoise": {}, "noise": {}, "denoise_pairs": {}, "noise_pairs": {}}
         metrics = None
         for key, partial in iter_partials(partials):
             if key.startswith("layers-"):
-                metrics = metrics or (partial["clean"], partial["corrupted"])
+                metrics = metrics or (partial["clean"], partial["corrupted"], partial["clean_pairs"],
+                                      partial["corrupted_pairs"])
                 for name in rows:
                     rows[name].update(zip(partial["layers"], partial[name]))
-        clean, corrupted = metrics
+        clean, corrupted, clean_pairs, corrupted_pairs = metrics
 
         def effect(direction):
             values = torch.tensor([rows[direction][layer] for layer in range(model.n_layers)], dtype=torch.float32)
@@ -112,9 +132,27 @@ class Patching(Probe):
         task = self.task(model, params)
         meta = self.meta(model, params, task=task.name, task_info=task.info, clean_metric=clean,
                          corrupted_metric=corrupted, accuracy=partials["whole-attribution"]["accuracy"],
-                         attribution_vs_activation=agreement(attribution, denoise))
+                         attribution_vs_activation=agreement(attribution, denoise),
+                         uncertainty=method("prompt pairs (effects: ratio of sums over the pairs' clean - corrupted "
+                                            "gaps)", len(clean_pairs)))
         return HeadScores.from_matrix(denoise.numpy(), meta, noising=noise.numpy(), attribution=attribution.numpy(),
-                                      dla=dla.numpy())
+                                      dla=dla.numpy(), **self.pair_intervals(model, partials, rows, clean_pairs,
+                                                                        corrupted_pairs))
+
+    def pair_intervals(self, model, partials, rows, clean_pairs, corrupted_pairs) -> dict:
+        """Each column's interval over the prompt pairs: an effect is sum(change) / sum(clean - corrupted gap)."""
+        def pairs(direction):  # [pairs, layer, head]
+            return torch.tensor([rows[direction][layer] for layer in range(model.n_layers)],
+                                dtype=torch.float64).permute(2, 0, 1)
+
+        clean_pairs = torch.tensor(clean_pairs, dtype=torch.float64)[:, None, None]
+        corrupted_pairs = torch.tensor(corrupted_pairs, dtype=torch.float64)[:, None, None]
+        gap = (clean_pairs - corrupted_pairs).flatten()
+        samples = {"score": pairs("denoise_pairs") - corrupted_pairs, "noising": clean_pairs - pairs("noise_pairs"),
+                   "attribution": torch.tensor(partials["whole-attribution"]["delta_pairs"],
+                                               dtype=torch.float64).permute(2, 0, 1),
+                   "dla": torch.tensor(partials["whole-dla"]["pairs"], dtype=torch.float64)}
+        return intervals(samples, weights={"score": gap, "noising": gap, "attribution": gap})
 
 
 PROBE = Patching()

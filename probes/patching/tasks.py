@@ -23,12 +23,16 @@ def logit_diff(answer: Int[torch.Tensor, "batch"], wrong: Int[torch.Tensor, "bat
     """Metric: mean over the batch of logit[answer] - logit[wrong] at `pos`."""
     answer, wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
 
-    def metric(logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
+    def per_prompt(logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch"]:
         rows = torch.arange(len(answer))
         last = logits[:, pos]
-        return (last[rows, answer] - last[rows, wrong]).mean()
+        return last[rows, answer] - last[rows, wrong]
+
+    def metric(logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
+        return per_prompt(logits).mean()
 
     metric.last_position_only = pos == -1
+    metric.per_prompt = per_prompt  # the batch mean's terms: per-prompt values for confidence intervals
     return metric
 
 
