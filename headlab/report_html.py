@@ -277,7 +277,8 @@ table.atlas.show-iv .iv { display: table-cell; }
 .head-page { display: none; } .head-page:target { display: block; border: 2px solid #264f8f; border-radius: 6px;
   padding: 0 1em 1em; margin: 1em 0; background: #fcfdff; }
 main.only > :not(.shown) { display: none; }
-.head-page table td { text-align: right; white-space: nowrap; } .head-page table td.m { text-align: left; color: #555; font-size: 12px; }
+.head-page table td { text-align: right; white-space: nowrap; }
+.head-page table td.m { text-align: left; color: #555; font-size: 12px; white-space: normal; }
 canvas.nxn { border: 1px solid #ccc; image-rendering: pixelated; }
 """
 

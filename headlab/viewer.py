@@ -77,7 +77,7 @@ VIEWER_CSS = """
   cursor: pointer; font: 12px monospace; }
 .hl-view .hl-heads button.on { background: #264f8f; color: #fff; }
 .hl-view .hl-tokens { border: 1px solid #ddd; padding: 6px; max-height: 420px; overflow: auto; }
-.hl-view .hl-tok { white-space: pre; padding: 1px 0; margin-right: 1px; border-radius: 2px; cursor: default;
+.hl-view .hl-tok { white-space: pre-wrap; padding: 1px 0; margin-right: 1px; border-radius: 2px; cursor: default;
   font-family: ui-monospace, monospace; }
 .hl-view .hl-tok.q { outline: 2px solid #d33; }
 .hl-view .hl-tok.top { outline: 2px dashed #264f8f; }
@@ -91,9 +91,12 @@ function hlAttentionView(root, data) {
   const heads = data.heads, n = data.tokens.length;
   let head = heads[0], query = n - 1;
   root.classList.add("hl-view");
-  root.innerHTML = '<div class="hl-heads"></div><div class="hl-info"></div><div class="hl-tokens"></div>';
-  const bar = root.querySelector(".hl-heads"), info = root.querySelector(".hl-info"),
-        box = root.querySelector(".hl-tokens");
+  root.innerHTML = '<div class="hl-heads"></div><label class="hl-info"><input type="checkbox" class="hl-scale" checked> ' +
+    'colours relative to the largest weight past the first token (which often takes most of it: a sink)</label>' +
+    '<div class="hl-info"></div><div class="hl-tokens"></div>';
+  const bar = root.querySelector(".hl-heads"), info = root.querySelectorAll(".hl-info")[1],
+        box = root.querySelector(".hl-tokens"), scale = root.querySelector(".hl-scale");
+  scale.onchange = () => draw();
   heads.forEach(h => { const b = document.createElement("button"); b.textContent = h; b.dataset.head = h;
     b.onclick = () => { head = h; draw(); }; bar.appendChild(b); });
   if (heads.length < 2) bar.style.display = "none";
@@ -120,8 +123,10 @@ function hlAttentionView(root, data) {
   function draw() {
     bar.querySelectorAll("button").forEach(b => b.classList.toggle("on", b.dataset.head === head));
     const w = weights();
-    let best = 0;
-    cells.forEach((c, k) => { const x = w(k); c.style.background = "rgba(214, 39, 40, " + x.toFixed(3) + ")";
+    let best = 0, top = 0;
+    for (let k = 1; k < n; k++) top = Math.max(top, w(k));
+    const unit = scale.checked && top > 0 ? top : 1;
+    cells.forEach((c, k) => { const x = w(k); c.style.background = "rgba(214, 39, 40, " + Math.min(1, x / unit).toFixed(3) + ")";
       c.classList.toggle("q", k === query); c.classList.remove("top"); if (x > w(best)) best = k; });
     if (data.mode === "stats") best = data.stats[head].top1[query];
     cells[best].classList.add("top");
