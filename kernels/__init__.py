@@ -19,11 +19,12 @@ from .dispatch import (
     expand_kv,
     queries_seeing,
     solve,
+    triton_installed,
     triton_usable,
     visible_keys,
 )
 from .errors import KernelInputError
 
 __all__ = ["AttentionStats", "BACKENDS", "DEFAULT_WANT", "KernelInputError", "Problem", "STATISTICS",
-           "attention_with_stats", "check_problem", "expand_kv", "queries_seeing", "solve", "triton_usable",
-           "visible_keys"]
+           "attention_with_stats", "check_problem", "expand_kv", "queries_seeing", "solve", "triton_installed",
+           "triton_usable", "visible_keys"]

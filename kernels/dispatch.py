@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -16,8 +17,18 @@ BACKENDS = ("auto", "torch", "triton")
 _warned = False
 
 
+def triton_installed() -> bool:
+    """Whether Triton can be imported (it is optional: `pip install 'headlab[gpu]'`)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:
+        return False
+
+
 def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    """Triton is installed and runs on these tensors: CUDA, or CPU under its interpreter (TRITON_INTERPRET=1)."""
+    if not triton_installed():
+        return False
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,10 +74,14 @@ def solve(q, k, v, problem: Problem, *, backend: str = "auto", strict: bool = Fa
         raise KernelInputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     use_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
     if use_triton and not triton_usable(q.device):
+        if not triton_installed():
+            reason = "Triton is not installed (pip install 'headlab[gpu]')"
+        else:
+            reason = "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
         if strict:
-            raise KernelInputError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+            raise KernelInputError(reason)
         if not _warned:
-            warnings.warn("Triton needs CUDA tensors: using the torch twin instead", stacklevel=3)
+            warnings.warn(f"{reason}: using the torch twin instead", stacklevel=3)
             _warned = True
         use_triton = False
     if use_triton:
@@ -77,4 +92,5 @@ def solve(q, k, v, problem: Problem, *, backend: str = "auto", strict: bool = Fa
 
 
 __all__ = ["AttentionStats", "BACKENDS", "DEFAULT_WANT", "Problem", "STATISTICS", "attention_with_stats",
-           "check_problem", "expand_kv", "queries_seeing", "solve", "triton_usable", "visible_keys"]
+           "check_problem", "expand_kv", "queries_seeing", "solve", "triton_installed", "triton_usable",
+           "visible_keys"]

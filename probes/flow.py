@@ -7,8 +7,9 @@ by mean, max or min; rows renormalised):
   in layer l - 1 has capacity A'_l[a, b]); the max-flow value from output node (L, o) to each input node (0, t),
   normalised per output node.
 
-Max flow runs in compiled code (numba): Dinic's algorithm with exact float capacities on the pair's own subgraph
-(for causal models only tokens t..o can carry flow from o to t), all (o, t) pairs in parallel.
+Max flow runs in compiled code (numba, `headlab[flow]`; without it the same code runs as plain Python, far slower):
+Dinic's algorithm with exact float capacities on the pair's own subgraph (for causal models only tokens t..o can
+carry flow from o to t), all (o, t) pairs in parallel.
 
     patterns = attention_patterns(model, text)                 # [L, H, n, n]
     flow_relevance = flow(patterns, outputs=[-1])              # [1, n]
@@ -118,9 +119,15 @@ _max_flow_pairs = None
 
 
 def _build_kernels():
-    import numba
+    try:
+        from numba import njit, prange
+    except ImportError:  # numba is optional (headlab[flow]): the same code as plain Python, same values, far slower
+        def njit(**options):
+            return lambda function: function
 
-    @numba.njit(cache=True)
+        prange = range
+
+    @njit(cache=True)
     def max_flow(cap, o, t, lo, hi):
         """Dinic on the layered graph: source (L, o), sink (0, t), tokens lo..hi-1; cap[l, a, b] is the edge
         (l+1, a) -> (l, b). Returns the max-flow value."""
@@ -207,11 +214,11 @@ def _build_kernels():
                     p = path[depth]
                     arc[p // m, p % m] += 1
 
-    @numba.njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True)
     def max_flow_pairs(cap, outputs, causal):
         n = cap.shape[1]
         values = np.zeros((len(outputs), n))
-        for index in numba.prange(len(outputs) * n):
+        for index in prange(len(outputs) * n):
             i, t = index // n, index % n
             o = outputs[i]
             if causal and t > o:
