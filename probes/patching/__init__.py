@@ -36,6 +36,7 @@ from headlab.probes.patching.methods import (
 from headlab.probes.patching.probe import PROBE, Params, Patching, scan
 from headlab.probes.patching.replay import BlockReplay
 from headlab.probes.patching.tasks import IOI_NAMES, Metric, PatchingTask, ioi_task, logit_diff, mcqa_task
+from headlab.scores import head_name, parse_head  # noqa: F401 - part of this package's API (notebooks, studies)
 from headlab.stats import agreement  # noqa: F401 - part of this package's API (notebooks, studies)
 
 __all__ = ["COMPONENTS", "DEFAULT_OVER", "IOI_NAMES", "PROBE", "BlockReplay", "Metric", "Params", "PatchResult",
