@@ -126,7 +126,7 @@ def execute(path: Path, timeout: int = 1800) -> list[str]:
                     output["execution_count"] = cell.execution_count
     package = package_dir()
     files = {to_source(f, package) for f in record["modules"] + record["opened"] if f}
-    files = sorted(f for f in files - {None} if (ROOT / f).is_file()
+    files = sorted(f for f in files - {None} if (ROOT / f).is_file() and "__pycache__" not in Path(f).parts
                    and (not f.startswith("notebooks/") or f.startswith("notebooks/results/")))
     notebook.metadata[KEY] = {"inputs": files, "inputs_sha256": inputs_hash(notebook, files)}
     nbformat.write(notebook, path)
