@@ -1,6 +1,7 @@
 """The cross-model head atlas of a sweep: for each probe, where its top heads sit by relative depth (layer / n_layers),
-how many heads each model has above the probe's threshold, how the probes' scores agree within each model, and the
-top heads per role per model. `atlas.csv` (one row per model, probe and head) and a self-contained `atlas.html`.
+how many heads each model has above the probe's threshold, how the probes' scores agree within each model, the
+top heads per role per model and how the roles overlap (how many retrieval heads are also induction heads).
+`atlas.csv` (one row per model, probe and head), `roles.csv` (the overlaps) and a self-contained `atlas.html`.
 
     write_atlas("sweep", {"smollm2-135m": (summary, results), "gemma3-270m": (summary, results)})
 """
@@ -17,7 +18,7 @@ import pandas as pd
 from headlab.errors import InputError
 from headlab.files import atomic_write_text
 from headlab.probes import probes as registry
-from headlab.scores import HeadScores
+from headlab.scores import HeadScores, head_roles
 from headlab.stats import spearman
 
 TOP_FRACTION = 0.05  # the top heads of a probe: this share of a model's heads (at least 3)
@@ -89,7 +90,26 @@ def top_table(frame: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render_atlas_html(frame: pd.DataFrame, failed: dict[str, str] | None = None) -> str:
+def role_overlap_table(scans: dict[str, tuple[dict, dict[str, HeadScores]]]) -> pd.DataFrame:
+    """Per model and ordered pair of roles present in it (headlab.scores.head_roles): heads with `role`, heads with
+    `also`, heads with both, and `share` = both / heads with `role` (how many retrieval heads are also induction
+    heads); the pair of a role with itself gives its count."""
+    rows = []
+    for model, (_, results) in scans.items():
+        sets = {}
+        for roles, layer, head in zip(*(head_roles(results)[c] for c in ("roles", "layer", "head"))):
+            for role in roles.split():
+                sets.setdefault(role, set()).add((layer, head))
+        for role, heads in sets.items():
+            for also, others in sets.items():
+                both = len(heads & others)
+                rows.append({"model": model, "role": role, "also": also, "heads": len(heads),
+                             "also_heads": len(others), "both": both, "share": both / len(heads)})
+    return pd.DataFrame(rows, columns=["model", "role", "also", "heads", "also_heads", "both", "share"])
+
+
+def render_atlas_html(frame: pd.DataFrame, failed: dict[str, str] | None = None,
+                      overlaps: pd.DataFrame | None = None) -> str:
     """A self-contained page (plotly embedded): a depth strip per probe, the tables, an agreement heatmap per model."""
     import plotly.graph_objects as go
 
@@ -109,6 +129,9 @@ def render_atlas_html(frame: pd.DataFrame, failed: dict[str, str] | None = None)
         figures.append(heat.to_html(include_plotlyjs=False, full_html=False, div_id=f"atlas-agreement-{i}"))
     tables = [("Top heads' depth", depth_table(frame)), ("Heads above each probe's threshold", count_table(frame)),
               ("Top heads per role", top_table(frame))]
+    if overlaps is not None and len(overlaps):
+        tables.append(("How the roles overlap (share: of the heads with the role, those that also have the other)",
+                       overlaps[overlaps["role"] != overlaps["also"]]))
     body = "".join(f"<h2>{html.escape(title)}</h2>" + table.to_html(index=False, float_format="{:.3f}".format,
                                                                     classes="atlas-table")
                    for title, table in tables)
@@ -133,11 +156,13 @@ the probes' descriptors.</p>
 
 def write_atlas(out: str | Path, scans: dict[str, tuple[dict, dict[str, HeadScores]]],
                 failed: dict[str, str] | None = None) -> Path:
-    """atlas.csv and atlas.html in `out` (written next to the scan folders, each file atomically)."""
+    """atlas.csv, roles.csv and atlas.html in `out` (written next to the scan folders, each file atomically)."""
     out = Path(out)
     frame = atlas_frame(scans)
+    overlaps = role_overlap_table(scans)
     atomic_write_text(out / "atlas.csv", frame.to_csv(index=False))
-    atomic_write_text(out / "atlas.html", render_atlas_html(frame, failed))
+    atomic_write_text(out / "roles.csv", overlaps.to_csv(index=False))
+    atomic_write_text(out / "atlas.html", render_atlas_html(frame, failed, overlaps))
     atomic_write_text(out / "sweep.json", json.dumps({"models": list(scans), "failed": failed or {}}, indent=2))
     return out
 

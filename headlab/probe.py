@@ -59,6 +59,16 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"a partial holds {type(value).__name__}, which JSON cannot carry")
 
 
+@dataclass(frozen=True)
+class Role:
+    """A role a head has when `column` of its probe's table exceeds `threshold` (None: the probe's
+    `threshold(scores)`, the line its `score` is cut at); `why` says why the line lies there."""
+
+    column: str = "score"
+    threshold: float | None = None
+    why: str = ""
+
+
 class Probe:
     """The descriptor of one probe; subclasses set the class attributes and implement plan, run and merge."""
 
@@ -73,6 +83,7 @@ class Probe:
     needs_decoder: ClassVar[str | None] = None  # why, when the probe needs a causal language model
     min_context: ClassVar[int] = 8  # the shortest prompt (tokens) the probe can work with
     order: ClassVar[int] = 100  # where the probe comes in listings, scans and heads.csv (then by name)
+    roles: ClassVar[dict[str, Role]] = {}  # role name -> Role; none declared: one role named after the probe
 
     # ---- parameters --------------------------------------------------------------------------------------------
     def params(self, quick: bool = False, **overrides) -> Any:
@@ -113,6 +124,17 @@ class Probe:
         """The score above which a head counts as having the behaviour (the cross-model atlas counts them); None: the
         probe names no such line. Subclasses say why theirs is where it is."""
         return None
+
+    def role_lines(self, scores) -> dict[str, dict]:
+        """{role: {"column", "threshold", "why"}}: each declared role's line resolved for this table (recorded in
+        its meta, so heads.csv's `roles` re-renders without the probe's code); roles without a line are left out."""
+        out = {}
+        for role, spec in (self.roles or {self.name: Role()}).items():
+            line = self.threshold(scores) if spec.threshold is None else spec.threshold
+            if line is not None and spec.column in scores.frame.columns:
+                why = spec.why or " ".join((type(self).threshold.__doc__ or "").split())
+                out[role] = {"column": spec.column, "threshold": float(line), "why": why}
+        return out
 
     def validity(self, meta: dict) -> dict | None:
         """What the table rests on, read from its meta: {"rests_on": the counts, "baseline": what the scores are

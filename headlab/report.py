@@ -13,7 +13,7 @@ import pandas as pd
 
 from headlab.errors import InputError
 from headlab.files import atomic_folder, atomic_write_text
-from headlab.scores import HeadScores
+from headlab.scores import HeadScores, head_roles
 
 
 def meaning(results: dict[str, HeadScores], column: str) -> str:
@@ -34,7 +34,8 @@ def meaning(results: dict[str, HeadScores], column: str) -> str:
 
 
 def heads_table(results: dict[str, HeadScores]) -> pd.DataFrame:
-    """One row per (layer, head): `layer, head, name`, then `<probe>` (its score) and `<probe>_<column>`."""
+    """One row per (layer, head): `layer, head, name`, then `<probe>` (its score) and `<probe>_<column>`, then
+    `roles` (headlab.scores.head_roles: every role whose column clears the line its probe declares)."""
     table = None
     for probe, scores in results.items():
         frame = scores.frame
@@ -53,6 +54,7 @@ def heads_table(results: dict[str, HeadScores]) -> pd.DataFrame:
         table = part if table is None else table.merge(part, on=["layer", "head", "name"], how="outer")
     if table is None:
         raise InputError("no probe results to report")
+    table = table.merge(head_roles(results), on=["layer", "head"], how="left")
     return table.sort_values(["layer", "head"]).reset_index(drop=True)
 
 

@@ -41,7 +41,8 @@ def page_data(summary: dict, table: pd.DataFrame, results: dict, columns: list[s
     data = {"model": summary["model"], "n_layers": int(table["layer"].max()) + 1,
             "n_heads": int(table["head"].max()) + 1, "n_kv_heads": geometry.get("n_kv_heads"),
             "layer_types": summary.get("layer_types"), "names": table["name"].tolist(), "columns": [],
-            "examples": examples or [], "sinks": {}, "tops": {}}
+            "examples": examples or [], "sinks": {}, "tops": {},
+            "roles": table["roles"].fillna("").tolist() if "roles" in table.columns else [], "role_lines": {}}
     for column in columns:
         info = column_info(table, results, column)
         ranks = table[column].rank(ascending=False, method="min")
@@ -54,6 +55,8 @@ def page_data(summary: dict, table: pd.DataFrame, results: dict, columns: list[s
     for probe, scores in results.items():
         if probe in columns:
             data["tops"][probe] = table.sort_values(probe, ascending=False, kind="stable")["name"].head(TOP).tolist()
+        for role, line in scores.meta.get("roles", {}).items():  # Probe.role_lines: where each role is cut
+            data["role_lines"][role] = {"probe": probe, **line}
         positions = scores.meta.get("sink_positions")
         if positions:
             data["sinks"] = {head: spots[:12] for head, spots in positions.items()}
@@ -137,9 +140,22 @@ def _roles(table: pd.DataFrame, results: dict) -> str:
         cells.append(f"<tr><th>{_esc(a)}</th>{''.join(row)}</tr>")
     agreement = ("<table class='agreement'><tr><th></th>" + "".join(f"<th>{_esc(p)}</th>" for p in probes) + "</tr>"
                  + "".join(cells) + "</table>") if len(probes) > 1 else ""
-    return (f"<h3>Heads in the top {TOP} of several probes</h3><ul class='roles'>{items}</ul>"
+    declared = _declared_roles(table, results)
+    return (f"<h3>Heads in the top {TOP} of several probes</h3><ul class='roles'>{items}</ul>" + declared
             + (f"<h3>Agreement between probes</h3><p class='meaning'>Spearman rank correlation of the probes' scores "
                f"over all heads.</p>{agreement}" if agreement else ""))
+
+
+def _declared_roles(table: pd.DataFrame, results: dict) -> str:
+    """Each role a probe declares (its line recorded in meta["roles"]) and the heads whose score clears it."""
+    items = []
+    for probe, scores in results.items():
+        for role, line in scores.meta.get("roles", {}).items():
+            heads = [n for n, roles in zip(table["name"], table["roles"].fillna("")) if role in roles.split()]
+            shown = ", ".join(f"<a href='#{n}'>{n}</a>" for n in heads[:20]) + (" ..." if len(heads) > 20 else "")
+            items.append(f"<li title='{_esc(line['why'])}'><b>{_esc(role)}</b> ({_esc(probe)} {_esc(line['column'])} "
+                         f"&gt; {line['threshold']:.3g}): {len(heads)} heads{': ' + shown if heads else ''}</li>")
+    return f"<h3>Roles (each probe's stated line)</h3><ul class='roles'>{''.join(items)}</ul>" if items else ""
 
 
 def _figure(table: pd.DataFrame, info: dict, index: int, n_layers: int, n_heads: int) -> str:
@@ -181,7 +197,7 @@ def render_html(summary: dict, results: dict[str, HeadScores], *, kv_html: str =
 
     table = heads_table(results)
     columns = score_columns(table)
-    constant = [c for c in table.columns if c not in ("layer", "head", "name") and not c.endswith(("_lo", "_hi"))
+    constant = [c for c in table.columns if c not in ("layer", "head", "name", "roles") and not c.endswith(("_lo", "_hi"))
                 and c not in columns]
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     data = page_data(summary, table, results, columns, examples)
@@ -357,7 +373,9 @@ function headPage(name) {
   const siblings = Array.from({length: group}, (_, i) => `L${layer}H${kv * group + i}`).filter(n => n !== name)
     .map(n => `<a href="#${n}">${n}</a>`).join(", ");
   const type = HL.layer_types ? HL.layer_types[layer] : "not recorded";
-  const roles = Object.entries(HL.tops).filter(([p, t]) => t.includes(name)).map(([p, t]) => `top ${t.indexOf(name) + 1} of ${p}`);
+  const tops = Object.entries(HL.tops).filter(([p, t]) => t.includes(name)).map(([p, t]) => `top ${t.indexOf(name) + 1} of ${p}`);
+  const roles = (HL.roles[r] || "").split(" ").filter(Boolean).map(role => { const l = HL.role_lines[role];
+    return l ? `<span class="role" title="${l.why.replace(/"/g, "&quot;")}">${role}</span> (${l.probe} ${l.column} &gt; ${fmt(l.threshold)})` : role; });
   let rows = "";
   HL.columns.forEach(c => { const x = c.values[r]; if (x === null) return;
     rows += `<tr><th><a href="#probe-${c.probe}">${c.name}</a></th><td>${fmt(x)}</td><td>${c.ranks[r]} / ${c.count}</td>` +
@@ -365,7 +383,8 @@ function headPage(name) {
   const sinks = (HL.sinks[name] || []).map(s => `text ${s[0]}, position ${s[1]} ${JSON.stringify(s[2])}`).join("; ");
   section.innerHTML = `<h2>Head ${name}</h2><p>layer ${layer} of ${HL.n_layers}, head ${head} of ${HL.n_heads}; ` +
     `GQA group: KV head ${kv}${siblings ? " (shared with " + siblings + ")" : ""}; layer type: ${type}</p>` +
-    `<p><b>Roles</b>: ${roles.length ? roles.join(", ") : "in no probe's top " + 5}</p>` +
+    `<p><b>Roles</b>: ${roles.length ? roles.join(", ") : "none: no score clears its probe's line"}</p>` +
+    `<p><b>Top lists</b>: ${tops.length ? tops.join(", ") : "in no probe's top " + 5}</p>` +
     `<table><tr><th>score</th><th>value</th><th>rank</th><th>95% interval</th><th>meaning</th></tr>${rows}</table>` +
     (sinks ? `<p><b>Sink positions</b> (from the kernel's column sums, sinks probe): ${sinks}</p>` : "") +
     `<div class="examples"></div><p><a href="#head-atlas">back to the atlas</a></p>`;

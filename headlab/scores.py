@@ -167,3 +167,20 @@ class HeadScores:
 
     def _repr_html_(self) -> str:
         return f"<p><b>{self!r}</b></p>" + self.top(10).to_html(index=False, float_format="{:.4f}".format)
+
+
+def head_roles(results: dict[str, "HeadScores"]) -> pd.DataFrame:
+    """`layer, head, roles`: for every head, each role recorded in a table's meta["roles"] (Probe.role_lines) whose
+    column exceeds its threshold, space-separated in the order of the tables and their roles ("" for none)."""
+    found: dict[tuple[int, int], list[str]] = {}
+    for scores in results.values():
+        frame = scores.frame
+        for head in zip(frame["layer"], frame["head"]):
+            found.setdefault((int(head[0]), int(head[1])), [])
+        for role, line in scores.meta.get("roles", {}).items():
+            above = frame[frame[line["column"]] > line["threshold"]]
+            for layer, head in zip(above["layer"], above["head"]):
+                found[(int(layer), int(head))].append(role)
+    heads = sorted(found)
+    return pd.DataFrame({"layer": [h[0] for h in heads], "head": [h[1] for h in heads],
+                         "roles": [" ".join(found[h]) for h in heads]})

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 
 from headlab.errors import InputError
 from headlab.hooks import attention_patterns
-from headlab.probe import Probe, Unit, iter_partials
+from headlab.probe import Probe, Role, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores
 from headlab.uncertainty import intervals, method
@@ -201,6 +201,9 @@ class Detectors(Probe):
         "duplicate_token": "attention on earlier copies of the same token",
         "induction": "the induction score (= score)",
     }
+    roles = {kind.replace("_", "-"): Role(kind, 0.5, "more than half of the attention on the detection pattern: the "
+                                                     "head does this more than anything else")
+             for kind in ("induction", "previous_token", "duplicate_token")}
 
     def threshold(self, scores):
         """Half of the attention on the induction target: the head does more of it than anything else."""

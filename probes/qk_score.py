@@ -26,7 +26,7 @@ from headlab.capture import AttentionEdit, editing
 from headlab.errors import InputError, UnsupportedModelError
 from headlab.hooks import attach
 from headlab.hooks import name as hook_name
-from headlab.probe import Probe, Unit, iter_partials
+from headlab.probe import Probe, Role, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name
 from headlab.tasks import LETTERS, MCQAItem, load_mcqa, mcqa_item
@@ -232,6 +232,7 @@ class QKScore(Probe):
         "test_accuracy": "QK-score accuracy on the test split",
         "test_attn_accuracy": "attention-score accuracy on the test split",
     }
+    roles = {"select-and-copy": Role()}
 
     def threshold(self, scores):
         """Twice chance accuracy on the validation split (chance: one over the options)."""

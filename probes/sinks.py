@@ -34,7 +34,7 @@ from headlab.errors import InputError
 from headlab.heads import by_layer
 from headlab.hooks import attach
 from headlab.hooks import name as hook_name
-from headlab.probe import Probe, Unit, iter_partials
+from headlab.probe import Probe, Role, Unit, iter_partials
 from headlab.progress import progress_bar
 from headlab.scores import HeadScores, head_name
 from headlab.tasks import ClassificationTask, evaluate
@@ -141,6 +141,7 @@ class Sinks(Probe):
         "n_sinks": "non-initial sinks per text",
         "sink_rate": "fraction of texts with at least one non-initial sink",
     }
+    roles = {"sink": Role()}
 
     def threshold(self, scores):
         """Any attention on a non-initial sink: the head has at least one (score is 0 when it has none)."""

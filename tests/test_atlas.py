@@ -52,3 +52,20 @@ def test_sweep_of_two_tiny_models(tmp_path):
     merged = atlas[(atlas.model == "tiny-llama") & (atlas.probe == "flow")].set_index("name")["score"]
     assert np.array_equal(merged.loc[llama["name"]].to_numpy(), llama["flow"].to_numpy())
     assert 'id="atlas-depth"' in (out / "atlas.html").read_text()
+
+
+def test_roles_column_and_role_overlaps_on_known_scores():
+    from headlab.atlas import role_overlap_table
+    from headlab.report import heads_table
+
+    summary = {"geometry": {"n_layers": 2, "n_heads": 2}}
+    retrieval = HeadScores.from_matrix(np.array([[0.5, 0.0], [0.2, 0.05]]),
+                                       {"roles": {"retrieval": {"column": "score", "threshold": 0.1, "why": ""}}})
+    induction = HeadScores.from_matrix(np.array([[0.9, 0.6], [0.1, 0.5]]),
+                                       {"roles": {"induction": {"column": "score", "threshold": 0.5, "why": ""}}})
+    results = {"retrieval": retrieval, "detectors": induction}
+    assert heads_table(results)["roles"].tolist() == ["retrieval induction", "induction", "retrieval", ""]
+    overlaps = role_overlap_table({"m": (summary, results)}).set_index(["role", "also"])
+    assert overlaps.loc[("retrieval", "induction"), "both"] == 1 and overlaps.loc[("retrieval", "induction"),
+                                                                                    "share"] == 0.5
+    assert overlaps.loc[("induction", "induction"), "heads"] == 2  # 0.5 is not above its 0.5 line

@@ -70,6 +70,10 @@ class Schedule:
 
 
 def merge(probe, model, params, partials: dict[str, dict]):
-    """probe.merge over partials in key order (JSON types, as a journal holds them)."""
+    """probe.merge over partials in key order (JSON types, as a journal holds them); meta["roles"] records the
+    probe's role lines (`Probe.role_lines`)."""
     ordered = {key: as_json(partials[key]) for key in sorted(partials)}
-    return probe.merge(model, params, ordered)
+    scores = probe.merge(model, params, ordered)
+    if hasattr(probe, "role_lines"):  # any object with Params and run may be scheduled; only probes declare roles
+        scores.meta["roles"] = probe.role_lines(scores)
+    return scores
