@@ -116,3 +116,33 @@ def copy_task_files(folder) -> dict:
     (folder / "needles.jsonl").write_text(json.dumps(needle) + "\n")
     return {"needles": str(folder / "needles.jsonl"), "lengths": (200, 300), "depths": (0.2, 0.6),
             "haystack": str(folder / "hay.txt"), "intro": "", "question_template": "\n{question}", "answer_cue": "@"}
+
+
+QUERY_HEAD = (1, 1)
+
+
+def query_retrieval_model(sign: float = 1.0) -> HeadModel:
+    """The planted induction model with its induction head silenced and L1H1 wired as a query-focused retrieval head:
+    q and k both read the token's identity (slow rotary pairs), so a question's tokens attend to the passage holding
+    the same tokens (sign -1: away from them)."""
+    model = induction_model()
+    attn = model.hf.model.layers[1].self_attn
+    d_token = 2 * D_CONTENT
+    token = slice(1, 1 + d_token)
+    slow_dims = torch.cat([torch.arange(HALF // 2, HALF), torch.arange(HALF // 2, HALF) + HALF])
+    with torch.no_grad():
+        for projection in (attn.q_proj, attn.k_proj, attn.v_proj):
+            projection.weight[INDUCTION_HEAD[1] * D_HEAD:(INDUCTION_HEAD[1] + 1) * D_HEAD] = 0
+        h = QUERY_HEAD[1]
+        attn.q_proj.weight[h * D_HEAD + slow_dims, token] = sign * 12.0 * torch.eye(d_token)
+        attn.k_proj.weight[h * D_HEAD + slow_dims, token] = 12.0 * torch.eye(d_token)
+    return model
+
+
+def letter_passages(n: int = 20) -> list[dict]:
+    """`n` passages, each of words in one capital letter of its own (none of the prompt template's letters), and
+    the question that names it: a word of that letter."""
+    letters = [c for c in "BCDEFGIJKLMORSTUVWXYZ" if c not in "HPQNA"][:n]
+    rng = __import__("numpy").random.default_rng(0)
+    return [{"id": f"letter-{c}", "text": " ".join(c * int(rng.integers(2, 5)) for _ in range(8)),
+             "question": c * 3} for c in letters]

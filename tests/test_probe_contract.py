@@ -41,6 +41,12 @@ def cases(tmp_path_factory) -> dict:
         "qk": ("tiny-llama", {"items": items, "batch_size": 3}),
         "patching": ("tiny-llama", {"task": PAIR}),
         "vision": ("tiny-llava", {"n": 3, "max_new_tokens": 3}),
+        "function_vector": ("tiny-llama", {"tasks": ("antonym", "capitalise", "next_item"), "n_mean": 2,
+                                           "n_corrupted": 2}),
+        "successor": ("tiny-llama", {"sequences": ("numbers", "letters", "roman")}),
+        "copy_suppression": ("tiny-gemma3", {"n_texts": 3, "n_tokens": 40, "max_tokens": 64}),
+        "query_retrieval": ("tiny-gemma3", {"n_passages": 4, "passage_tokens": 10, "groups": 2}),
+        "weight_scores": ("tiny-gemma3", {"n_tokens": 64}),
     }
 
 
@@ -53,7 +59,9 @@ def load(name):
     return copier_model() if name == "copier" else headlab.load_model(name)
 
 
-@pytest.mark.parametrize("probe_name", ["detectors", "retrieval", "sinks", "flow", "qk", "patching", "vision"])
+@pytest.mark.parametrize("probe_name", ["detectors", "retrieval", "sinks", "flow", "qk", "patching", "vision",
+                                        "function_vector", "successor", "copy_suppression", "query_retrieval",
+                                        "weight_scores"])
 def test_three_shuffled_shards_merge_to_the_one_process_table(probe_name, runs, tmp_path):
     model_name, overrides = runs[probe_name]
     model = load(model_name)
@@ -153,7 +161,9 @@ def toml(probe_name, overrides) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("probe_name", ["detectors", "retrieval", "sinks", "flow", "qk", "patching", "vision"])
+@pytest.mark.parametrize("probe_name", ["detectors", "retrieval", "sinks", "flow", "qk", "patching", "vision",
+                                        "function_vector", "successor", "copy_suppression", "query_retrieval",
+                                        "weight_scores"])
 def test_a_killed_scan_resumes_at_the_unit(probe_name, runs, tmp_path):
     model_name, overrides = runs[probe_name]
     env = {**os.environ, "HEADLAB_PROGRESS": "0"}
