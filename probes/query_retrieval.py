@@ -219,8 +219,11 @@ class QueryRetrieval(Probe):
         "heldout_accuracy": "the head's own top-1 accuracy on the held-out questions",
     }
     signed = ("score", "heldout_score")
-    roles = {"query-retrieval": Role("score", QR_THRESHOLD, "a tenth of the question's attention goes to the right "
-                                                            "passage beyond what a content-free question gives")}
+    roles = {"query-retrieval": Role()}  # cut at threshold()
+
+    def threshold(self, scores):
+        """A tenth of the question's attention on the right passage beyond a content-free question's."""
+        return QR_THRESHOLD
 
     def validity(self, meta):
         reranker = meta["reranker"]

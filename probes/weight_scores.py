@@ -188,11 +188,14 @@ class WeightScores(Probe):
         "mean_distance": "the mean distance (tokens) of that positional attention",
     }
     signed = ("score",)
-    roles = {"ov-copying": Role("score", COPYING_THRESHOLD, "three quarters of the OV eigenvalues' magnitude is "
-                                                            "positive: the head copies what it attends to"),
+    roles = {"ov-copying": Role(),  # cut at threshold()
              "qk-previous-token": Role("previous_token", PREVIOUS_THRESHOLD, "by its weights alone, more than half "
                                                                               "of the head's positional attention "
                                                                               "falls on the previous token")}
+
+    def threshold(self, scores):
+        """Three quarters of the OV eigenvalues' magnitude positive: the head copies what it attends to."""
+        return COPYING_THRESHOLD
 
     def validity(self, meta):
         return {"rests_on": f"the weights alone (the OV score: exact, no samples; the positional scores: q and k "

@@ -29,6 +29,16 @@ PREVIOUS_TOKEN_HEAD = (0, 0)
 INDUCTION_HEAD = (1, 2)
 
 
+def blank(model: LlamaForCausalLM) -> None:
+    """Every weight of a Llama zeroed and every norm's gain set to 1: an attention-only model with no head wired yet
+    (call under torch.no_grad)."""
+    for p in model.parameters():
+        p.zero_()
+    for norm in [model.model.norm] + [m for layer in model.model.layers
+                                      for m in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        norm.weight.fill_(1.0)
+
+
 def induction_model(seed: int = 0) -> HeadModel:
     tokenizer = byte_tokenizer()
     vocab = len(tokenizer)
@@ -50,11 +60,7 @@ def induction_model(seed: int = 0) -> HeadModel:
     identity = identity / identity.norm(dim=-1, keepdim=True)
     inv_freq = 1e12 ** (-torch.arange(0, D_HEAD, 2).double() / D_HEAD)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for norm in [model.model.norm] + [m for layer in model.model.layers
-                                          for m in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            norm.weight.fill_(1.0)
+        blank(model)
         embed = model.model.embed_tokens.weight
         embed[:, const] = 1.0
         embed[:, token] = identity

@@ -123,6 +123,11 @@ def check_real_report(out, tmp_path):
     rows = re.findall(r'<tr data-row="\d+"><td><a href="#(L\d+H\d+)">', dom)
     assert sorted(rows) == sorted(pages)
     assert f"Head {top}</h2>" in dom and "GQA group: KV head" in dom and "95% interval" in dom
+    # the head page lists the head's roles (heads.csv's roles column), each with the line its probe cuts it at
+    roles = heads.set_index("name")["roles"].fillna("")[top].split()
+    listed = re.search(r"<p><b>Roles</b>: (.*?)</p>", dom).group(1)
+    assert roles and all(f'class="role"' in listed and f">{role}</span>" in listed for role in roles)
+    assert "Roles (each probe's stated line)" in dom
     # the atlas filters (from the address, as a shared link would)
     filtered = _report_dom(f"{url}?filter=L18#head-atlas", tmp_path)
     assert 'id="atlas-count">9 of 270 heads' in filtered

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from headlab.probes import copy_suppression, function_vector, successor
+from planted import blank
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.model import HeadModel
@@ -31,11 +32,7 @@ def ov_model(seed: int = 0) -> HeadModel:
     identity = identity / identity.norm(dim=-1, keepdim=True)
     ids = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in LETTERS]
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for norm in [model.model.norm] + [m for layer in model.model.layers
-                                          for m in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            norm.weight.fill_(1.0)
+        blank(model)
         model.model.embed_tokens.weight.copy_(identity)
         model.lm_head.weight.copy_(identity)
         attn = model.model.layers[1].self_attn
@@ -176,11 +173,7 @@ def function_vector_model(sign: float = 1.0) -> HeadModel:
     token = {word: 2 + i for word, i in ids.items()}  # the residual dimension of a word's one-hot
     logit = (8 * d_head) ** 0.5 / unit  # q and k weights whose product gives an attention logit of 8 per unit
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for norm in [model.model.norm] + [m for layer in model.model.layers
-                                          for m in (layer.input_layernorm, layer.post_attention_layernorm)]:
-            norm.weight.fill_(1.0)
+        blank(model)
         embed = model.model.embed_tokens.weight
         embed[:, bulk], embed[:, const] = 30.0, 1.0
         embed[:, 2:2 + vocab] = torch.eye(vocab)
@@ -282,3 +275,24 @@ def test_patched_probabilities_equal_a_full_forward_with_the_head_replaced():
         assert float(patched[c]) == pytest.approx(float(full), rel=1e-4, abs=1e-7)
     assert base == pytest.approx(float(torch.softmax(model.logits(prompt.corrupted)[0, -1].float(), -1)[answer]),
                                  rel=1e-4)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_the_five_role_probes_run_on_gemma3():
+    """Quick profiles on Gemma3 (sliding-window layers, a post-attention norm, one KV head): every head scored, every
+    interval around its score, every role line recorded (SmolLM2 runs them in the real quick-scan report test)."""
+    import headlab
+    from headlab.probes import get_probe
+
+    model = headlab.load_model("gemma3-270m")
+    for name in ("function_vector", "successor", "copy_suppression", "query_retrieval", "weight_scores"):
+        probe = get_probe(name)
+        table = probe.scan(model, quick=True, progress=False)
+        frame = table.frame
+        assert len(frame) == 72 and frame["score"].notna().all(), name
+        if "score_lo" in frame:
+            # the percentile bootstrap of a mean lies within its samples' range and, for these sample counts, around
+            # the mean itself (a 1e-12 slack for the fp64 sums in another order)
+            assert ((frame["score_lo"] <= frame["score"] + 1e-12) & (frame["score"] <= frame["score_hi"] + 1e-12)).all()
+        assert table.meta["roles"] and table.meta["validity"]["rests_on"], name
