@@ -53,10 +53,12 @@ def test_sweep_of_two_tiny_models(tmp_path):
     assert np.array_equal(merged.loc[llama["name"]].to_numpy(), llama["flow"].to_numpy())
     assert 'id="atlas-depth"' in (out / "atlas.html").read_text()
     overlaps = pd.read_csv(out / "roles.csv")  # each role against itself counts the heads heads.csv gives it
-    roles = llama["roles"].fillna("").str.split()
-    for role in {r for found in roles for r in found}:
-        row = overlaps[(overlaps.model == "tiny-llama") & (overlaps.role == role) & (overlaps.also == role)]
-        assert row["heads"].item() == sum(role in found for found in roles)
+    for model in ("tiny-llama", "tiny-gemma3"):
+        roles = pd.read_csv(out / model / "heads.csv")["roles"].fillna("").str.split()
+        for role in {r for found in roles for r in found}:
+            row = overlaps[(overlaps.model == model) & (overlaps.role == role) & (overlaps.also == role)]
+            assert row["heads"].item() == sum(role in found for found in roles)
+    assert len(overlaps)  # tiny-gemma3 has flow heads above the flow probe's line
 
 
 def test_roles_column_and_role_overlaps_on_known_scores():
