@@ -162,8 +162,7 @@ def toml(probe_name, overrides) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("probe_name", ["detectors", "retrieval", "sinks", "flow", "qk", "patching", "vision",
-                                        "function_vector", "successor", "copy_suppression", "query_retrieval",
-                                        "weight_scores"])
+                                        "function_vector", "copy_suppression", "query_retrieval"])
 def test_a_killed_scan_resumes_at_the_unit(probe_name, runs, tmp_path):
     model_name, overrides = runs[probe_name]
     env = {**os.environ, "HEADLAB_PROGRESS": "0"}
