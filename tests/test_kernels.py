@@ -61,6 +61,71 @@ def test_fp32_equals_the_full_matrix(backend, case):
     _compare(out, stats, ref, {"out": 1e-5, "stat": 1e-5})
 
 
+SINK_CASES = ["odd-n", "gqa-4-1-window", "decode-5-window", "softcap", "rows"]  # the fused and the blocked route
+
+
+def _sinks(h, seed=1):
+    """Sink logits around the scores' scale (|q . k| / sqrt(d) ~ 1) and one far above them: a head whose rows give
+    their sink almost everything, where top1 must still be a key."""
+    sinks = 2 * torch.randn(h, generator=torch.Generator().manual_seed(seed))
+    sinks[0] = 8.0
+    return sinks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_learned_sinks_equal_the_full_matrix(backend, case):
+    """Sinks join each row's normaliser: every statistic, and the sink's own weight, as the fp64 reference gives
+    them (same fp32 bound as without sinks: the sink adds one term to each row's sums)."""
+    b, h, kv, n_q, n_k, d, options = CASES[case]
+    q, k, v = _inputs(b, h, kv, n_q, n_k, d)
+    spans, sinks = _spans(n_k), _sinks(h)
+    out, stats = attention_with_stats(q, k, v, spans=spans, want=ALL, sinks=sinks, backend=backend, strict=True,
+                                      **options)
+    options.pop("query_rows", None)
+    ref = reference_stats(q, k, v, spans=list(spans.values()), sinks=sinks, **options)
+    _compare(out, stats, ref, {"out": 1e-5, "stat": 1e-5})
+    assert (stats.sink_mass - ref["sink_prob"]).abs().max() <= 1e-5
+    assert ref["sink_prob"][:, 0].min() > 0.5  # the dominant sink takes most of head 0's rows
+
+
+def test_a_dropped_sink_fails_the_bound():
+    """The statistics without the sink logit are far outside the bound above: the sinks matter in these tests."""
+    b, h, kv, n_q, n_k, d, options = CASES["odd-n"]
+    q, k, v = _inputs(b, h, kv, n_q, n_k, d)
+    spans, sinks = _spans(n_k), _sinks(h)
+    out, stats = attention_with_stats(q, k, v, spans=spans, want=ALL, backend="torch", **options)
+    ref = reference_stats(q, k, v, spans=list(spans.values()), sinks=sinks, **options)
+    with pytest.raises(AssertionError):
+        _compare(out, stats, ref, {"out": 1e-5, "stat": 1e-5})
+    for name in ("lse", "entropy", "top1_prob", "colsum"):
+        assert (getattr(stats, name) - ref[name]).abs().max() > 0.1, name
+
+
+def test_sinks_routes_agree():
+    """With sinks, the fused route (torch's output rescaled to the LSE with the sink) equals the blocked route."""
+    from headlab.kernels.stats import check_problem
+    from headlab.kernels.torch_twin import attention_with_stats_torch
+
+    q, k, v = _inputs(1, 9, 3, 120, 120, 32)
+    problem = check_problem(q, k, v, causal=True, window=None, scale=None, softcap=None, spans=_spans(120),
+                            want=ALL, query_rows=None, sinks=_sinks(9))
+    fused_out, fused = attention_with_stats_torch(q, k, v, problem, route="fused")
+    blocked_out, blocked = attention_with_stats_torch(q, k, v, problem, route="blocked")
+    assert (fused_out - blocked_out).abs().max() < 1e-5
+    for name in ("lse", "span_mass", "top1_prob", "entropy", "colsum"):
+        assert (getattr(fused, name) - getattr(blocked, name)).abs().max() < 1e-4, name
+    assert torch.equal(fused.top1, blocked.top1)
+
+
+def test_bad_sinks_are_one_clear_error():
+    q, k, v = _inputs(1, 4, 2, 8, 8, 16)
+    for sinks, words in ((torch.zeros(3), "one logit per query head [4]"), ([0.0] * 4, "float tensor"),
+                         (torch.zeros(4, dtype=torch.long), "float tensor")):
+        with pytest.raises(KernelInputError, match=words.replace("[", r"\[")):
+            attention_with_stats(q, k, v, sinks=sinks, backend="torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_accumulates_in_fp32(backend, dtype):
