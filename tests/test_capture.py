@@ -174,9 +174,9 @@ def test_gpt_oss_statistics_without_the_sink_logit_fail_the_bound(tiny_gpt_oss):
 
 
 def test_gpt_oss_fast_path_logits_equal_eager(tiny_gpt_oss):
-    """model.logits with every layer on the kernel, and with layer 1 left to the seam's own attention (no handler:
-    eager maths with the sinks, since SDPA has none), equal transformers' eager logits; the same without the sinks
-    (a logit of -1e4: weight 0) is far off."""
+    """model.logits with every layer on the kernel, and with one layer (the full one, then the sliding one) left to
+    the seam's own attention (no handler: eager maths with the sinks, since SDPA has none), equal transformers' eager
+    logits; the same without the sinks (a logit of -1e4: weight 0) is far off."""
     from headlab.capture import recording
 
     model = tiny_gpt_oss
@@ -184,7 +184,7 @@ def test_gpt_oss_fast_path_logits_equal_eager(tiny_gpt_oss):
     with torch.no_grad():
         eager = model.hf(input_ids=tokens).logits
     assert model.hf.config._attn_implementation == "eager"
-    for layers in (None, [0]):
+    for layers in (None, [0], [1]):
         with recording(model, layers=layers, want=ALL):
             fast = model.logits(tokens)
         # fp32 sums in another order (kernel vs eager matmuls) through two layers: measured 1.1e-5 on logits ~7

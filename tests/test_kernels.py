@@ -102,22 +102,6 @@ def test_a_dropped_sink_fails_the_bound():
         assert (getattr(stats, name) - ref[name]).abs().max() > 0.1, name
 
 
-def test_sinks_routes_agree():
-    """With sinks, the fused route (torch's output rescaled to the LSE with the sink) equals the blocked route."""
-    from headlab.kernels.stats import check_problem
-    from headlab.kernels.torch_twin import attention_with_stats_torch
-
-    q, k, v = _inputs(1, 9, 3, 120, 120, 32)
-    problem = check_problem(q, k, v, causal=True, window=None, scale=None, softcap=None, spans=_spans(120),
-                            want=ALL, query_rows=None, sinks=_sinks(9))
-    fused_out, fused = attention_with_stats_torch(q, k, v, problem, route="fused")
-    blocked_out, blocked = attention_with_stats_torch(q, k, v, problem, route="blocked")
-    assert (fused_out - blocked_out).abs().max() < 1e-5
-    for name in ("lse", "span_mass", "top1_prob", "entropy", "colsum"):
-        assert (getattr(fused, name) - getattr(blocked, name)).abs().max() < 1e-4, name
-    assert torch.equal(fused.top1, blocked.top1)
-
-
 def test_bad_sinks_are_one_clear_error():
     q, k, v = _inputs(1, 4, 2, 8, 8, 16)
     for sinks, words in ((torch.zeros(3), "one logit per query head [4]"), ([0.0] * 4, "float tensor"),
@@ -137,15 +121,17 @@ def test_half_precision_accumulates_in_fp32(backend, dtype):
     _compare(out, stats, ref, {"out": 4 * torch.finfo(dtype).eps, "stat": 1e-5})
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
 @pytest.mark.parametrize("rows", [None, range(-8, 0), [3, 50, 120]])
-def test_torch_twin_routes_agree(rows):
-    """The fused route (CPU flash attention + LSE) and the blocked route give the same statistics."""
+def test_torch_twin_routes_agree(rows, sinks):
+    """The fused route (CPU flash attention + LSE; with sinks its output rescaled to the LSE with the sink) and the
+    blocked route give the same statistics."""
     from headlab.kernels.stats import check_problem
     from headlab.kernels.torch_twin import attention_with_stats_torch
 
     q, k, v = _inputs(1, 9, 3, 200, 200, 32)
     problem = check_problem(q, k, v, causal=True, window=None, scale=None, softcap=None, spans=_spans(200),
-                            want=ALL, query_rows=rows)
+                            want=ALL, query_rows=rows, sinks=_sinks(9) if sinks else None)
     fused_out, fused = attention_with_stats_torch(q, k, v, problem, route="fused")
     blocked_out, blocked = attention_with_stats_torch(q, k, v, problem, route="blocked")
     assert (fused_out - blocked_out).abs().max() < 1e-5
