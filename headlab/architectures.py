@@ -172,7 +172,16 @@ class GPT2(Architecture):
         return self.layers()[layer].attn
 
 
-FAMILIES: tuple[type[Architecture], ...] = (Llama, Gemma3, Bert, GPT2)
+class GptOss(Architecture):
+    """gpt-oss: the Llama layout with learned per-head sink logits (the attention function's `s_aux`) and a sliding
+    window on alternate layers."""
+
+    family = "gpt-oss"
+    model_types = ("gpt_oss",)
+    hf_architecture = "GptOssForCausalLM"
+
+
+FAMILIES: tuple[type[Architecture], ...] = (Llama, Gemma3, Bert, GPT2, GptOss)
 MULTIMODAL = ("llava",)  # a vision tower and projector around a language model of one of the families
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from headlab.architectures import Architecture
 from headlab.errors import InputError
-from headlab.kernels import Problem, check_problem, solve
+from headlab.kernels import Problem, check_problem, solve, visible_keys
 
 ATTENTION_NAME = "headlab"
 _stack: contextvars.ContextVar[tuple] = contextvars.ContextVar("headlab_attention_handlers", default=())
@@ -40,6 +40,7 @@ class Call:
     query [b, h, n, d], key/value [b, kv, m, d]. A part has `heads` (the layer's query heads it holds, in order);
     with `key_pos` (the absolute positions of its keys, [m]) it has keys of its own and `mask` is a bool [n, m] (None:
     every key visible), without it the part reads the layer's keys and transformers' `mask`, as a whole call does.
+    `sinks` [h]: the heads' learned sink logits (gpt-oss's `s_aux`; a part holds its heads'), None without.
     `root` is the whole call a part came from.
     """
 
@@ -57,6 +58,7 @@ class Call:
     heads: tuple[int, ...] | None = None
     key_pos: torch.Tensor | None = None
     root: "Call | None" = None
+    sinks: torch.Tensor | None = None
 
     @property
     def is_part(self) -> bool:
@@ -64,15 +66,18 @@ class Call:
 
     def part(self, heads, query, key, value, mask, key_pos=None) -> "Call":
         """A group of query heads (`heads` of the layer) over keys of their own."""
-        return dataclasses.replace(self, heads=tuple(int(h) for h in heads), query=query, key=key, value=value,
-                                   mask=mask, key_pos=key_pos, root=self.root or self)
+        root = self.root or self
+        heads = tuple(int(h) for h in heads)
+        sinks = None if root.sinks is None else root.sinks[list(heads)]
+        return dataclasses.replace(self, heads=heads, query=query, key=key, value=value, mask=mask, key_pos=key_pos,
+                                   root=root, sinks=sinks)
 
     def problem(self, **options) -> Problem:
         """The kernel's checked Problem of this call (its logits: scaled and capped q . k)."""
         return check_problem(self.query, self.key, self.value, causal=self.causal,
                              window=None if self.key_pos is not None else self.window, scale=self.scaling, softcap=self.softcap,
                              spans=options.get("spans"), want=options.get("want", ()),
-                             query_rows=options.get("query_rows"))
+                             query_rows=options.get("query_rows"), sinks=self.sinks)
 
 
 class Handler:
@@ -107,16 +112,18 @@ class KernelUse(Handler):
 
 def dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None,
              **kwargs):
-    """transformers attention function: [b, h, n, d] q, [b, kv, n, d] k/v -> ([b, n, h, d], None)."""
+    """transformers attention function: [b, h, n, d] q, [b, kv, n, d] k/v -> ([b, n, h, d], None). `s_aux` (gpt-oss):
+    the heads' learned sink logits [h]."""
     layer = Architecture.layer_index(module)
     handlers = [h for h in _stack.get() if h.covers(layer)]
-    if not handlers:  # nothing to do here: transformers' SDPA, as without headlab
+    sinks = kwargs.pop("s_aux", None)
+    if not handlers and sinks is None:  # nothing to do here: transformers' SDPA, as without headlab
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **_optional(sliding_window=sliding_window, softcap=softcap), **kwargs)
     call = Call(module, layer, query, key, value, attention_mask, scaling, softcap, sliding_window,
-                getattr(module, "is_causal", True), {"dropout": dropout, **kwargs})
+                getattr(module, "is_causal", True), {"dropout": dropout, **kwargs}, sinks=sinks)
     return _run(call, handlers), None
 
 
@@ -140,21 +147,27 @@ def _optional(**values) -> dict:
 
 def sdpa(call: Call) -> torch.Tensor:
     """The call without headlab: transformers' SDPA path for a whole layer, SDPA over the part's keys for a part ->
-    [b, n, h, d]."""
-    if call.key_pos is None:
+    [b, n, h, d]. SDPA has neither softcap nor learned sinks: with either, the eager maths (the kernel's logits and
+    softmax, masked)."""
+    if call.key_pos is None and call.sinks is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(call.module, call.query, call.key, call.value, call.mask, scaling=call.scaling,
                                       **_optional(sliding_window=call.window, softcap=call.softcap), **call.options)[0]
     group = call.query.shape[1] // call.key.shape[1]
     keys, values = call.key.repeat_interleave(group, 1), call.value.repeat_interleave(group, 1)
-    if call.softcap is None:
+    if call.softcap is None and call.sinks is None:
         out = F.scaled_dot_product_attention(call.query, keys, values, attn_mask=call.mask, scale=call.scaling)
-    else:  # SDPA has no softcap: the kernel's logits, masked
-        scores = call.problem().logits(torch.matmul(call.query, keys.transpose(-1, -2)))
-        if call.mask is not None:
-            scores = scores.masked_fill(~call.mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+    else:
+        problem = call.problem()
+        scores = problem.logits(torch.matmul(call.query, keys.transpose(-1, -2)))
+        mask = call.mask
+        if mask is None and call.key_pos is None:  # a whole layer whose mask transformers left to is_causal
+            n, m = call.query.shape[2], call.key.shape[2]
+            mask = visible_keys(torch.arange(m - n, m), torch.arange(m), call.causal, call.window).to(scores.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(problem.probs(scores).to(values.dtype), values)
     return out.transpose(1, 2)
 
 

@@ -81,7 +81,8 @@ class Recorder(KernelUse):
         root = call.root
         if self._roots.get(call.layer) is not root:  # the first part of this call
             self._roots[call.layer] = root
-            self.stats[call.layer] = AttentionStats(query_rows=stats.query_rows, span_names=self._span_names())
+            self.stats[call.layer] = AttentionStats(query_rows=stats.query_rows, span_names=self._span_names(),
+                                                    sinks=None if root.sinks is None else root.sinks.detach().float())
             self.n_keys[call.layer] = int(call.key_pos[-1]) + 1 if call.key_pos is not None else call.key.shape[2]
         if stats.colsum is not None:
             raise InputError("colsum is not recorded under a KV policy that splits a layer (heads see other keys)")

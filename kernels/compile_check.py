@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of the Triton kernels for GPUs this machine need not have (sm_80, sm_90).
 
-Each variant (kernel, dtype, head dim, mask, softcap, entropy) goes through the real launcher,
+Each variant (kernel, dtype, head dim, mask, softcap, entropy, learned sinks) goes through the real launcher,
 attention_with_stats_triton, on small CPU tensors while a compile-only driver stands in for the GPU: Triton
 specializes the call as it would on the device (argument types, 16-divisible sizes and strides, strides of 1, the
 launch configuration from launch.py) and hands it to a hook instead of compiling it. The hooked kernel is then
@@ -12,7 +12,7 @@ its shared memory fits the architecture's per-block maximum. Needs TRITON_INTERP
 so tests/test_kernel_compile.py starts this in a process of its own):
 
     python -m headlab.kernels.compile_check [--full] [--json FILE] [--workers 2]
-    python -m headlab.kernels.compile_check --variant forward,bf16,128,window,1,1,90 --config 128,64,8,3
+    python -m headlab.kernels.compile_check --variant forward,bf16,128,window,1,1,90,1 --config 128,64,8,3
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class Variant:
     softcap: bool
     entropy: bool  # forward only
     arch: int
+    sinks: bool = False  # forward only (the other kernels read its LSE, which includes the sinks)
 
     def want(self) -> tuple[str, ...]:
         return {"forward": ("lse", "top1") + ("entropy",) * self.entropy, "span_mass": ("lse", "span_mass"),
@@ -79,8 +80,9 @@ class Variant:
 def variants(full: bool = False) -> list[Variant]:
     """The variants to compile, forward kernels first (they take longest).
 
-    full: every (kernel, dtype, head dim, arch, mask, softcap, entropy), 432 compiles. Otherwise 90: per (dtype,
-    head dim, arch) each kernel with every flag on (window, softcap, entropy: the heaviest) and the forward kernel
+    full: every (kernel, dtype, head dim, arch, mask, softcap, entropy, sinks), 576 compiles. Otherwise 90: per
+    (dtype, head dim, arch) each kernel with every flag on (window, softcap, entropy, sinks: the heaviest) and the
+    forward kernel
     with every flag off; and per (head dim, arch), in bf16, the forward kernel as the capture path runs it by
     default (causal only) and the other two kernels with every flag off. So every (kernel, dtype, head dim, arch)
     is compiled and every flag is on and off for each (kernel, head dim, arch). Register allocation is not
@@ -90,11 +92,12 @@ def variants(full: bool = False) -> list[Variant]:
     for arch, dtype, head_dim in itertools.product(ARCHS, [DTYPE_NAMES[d] for d in DTYPES], HEAD_DIMS):
         base = dict(dtype=dtype, head_dim=head_dim, arch=arch)
         if full:
-            for kernel, mask, softcap, entropy in itertools.product(KERNELS, MASKS, (False, True), (False, True)):
-                if not entropy or kernel == "forward":
-                    out.append(Variant(kernel, mask=mask, softcap=softcap, entropy=entropy, **base))
+            for kernel, mask, softcap, entropy, sinks in itertools.product(KERNELS, MASKS, *[(False, True)] * 3):
+                if not (entropy or sinks) or kernel == "forward":
+                    out.append(Variant(kernel, mask=mask, softcap=softcap, entropy=entropy, sinks=sinks, **base))
             continue
-        out += [Variant(kernel, mask="window", softcap=True, entropy=kernel == "forward", **base) for kernel in KERNELS]
+        out += [Variant(kernel, mask="window", softcap=True, entropy=kernel == "forward", sinks=kernel == "forward",
+                        **base) for kernel in KERNELS]
         out.append(Variant("forward", mask="none", softcap=False, entropy=False, **base))
         if dtype == "bf16":
             out.append(Variant("forward", mask="causal", softcap=False, entropy=False, **base))
@@ -128,7 +131,7 @@ def launched_kernels(variant: Variant, configs: dict[str, LaunchConfig] | None =
     k = torch.zeros(BATCH, KV_HEADS, TOKENS, variant.head_dim, dtype=dtype)
     problem = check_problem(q, k, k, causal=variant.mask != "none", window=WINDOW if variant.mask == "window" else None,
                             scale=None, softcap=30.0 if variant.softcap else None, spans=SPANS, want=variant.want(),
-                            query_rows=None)
+                            query_rows=None, sinks=torch.zeros(HEADS) if variant.sinks else None)
     launched = []
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
@@ -194,29 +197,31 @@ def _check_quietly(job: tuple[Variant, dict | None]) -> dict:
 
 def table(rows: list[dict]) -> str:
     """The resource table, one line per compiled variant (smem in KiB: dynamic + static)."""
-    head = (f"{'kernel':<10} {'sm':>3} {'dtype':<5} {'d':>3} {'mask':<6} {'cap':<3} {'ent':<3} {'config':<13} "
+    head = (f"{'kernel':<10} {'sm':>3} {'dtype':<5} {'d':>3} {'mask':<6} {'cap':<3} {'ent':<3} {'snk':<3} "
+            f"{'config':<13} "
             f"{'regs':>4} {'stack':>5} {'smem':>6} {'limit':>5}  ok")
     lines = [head, "-" * len(head)]
     for r in rows:
         bound = f" (bound {r['stack_bound']})" if r["stack_bound"] else ""
         lines.append(
             f"{r['kernel']:<10} {r['arch']:>3} {r['dtype']:<5} {r['head_dim']:>3} {r['mask']:<6} "
-            f"{'yes' if r['softcap'] else '-':<3} {'yes' if r['entropy'] else '-':<3} {r['config']:<13} "
+            f"{'yes' if r['softcap'] else '-':<3} {'yes' if r['entropy'] else '-':<3} "
+            f"{'yes' if r.get('sinks') else '-':<3} {r['config']:<13} "
             f"{r['regs']:>4} {r['stack']:>5} {r['smem'] / 1024:>6.1f} {r['smem_limit'] // 1024:>5}  "
             f"{'ok' if r['ok'] else 'FAIL'}{bound}")
     return "\n".join(lines)
 
 
 def _parse_variant(text: str) -> Variant:
-    kernel, dtype, head_dim, mask, softcap, entropy, arch = text.split(",")
-    return Variant(kernel, dtype, int(head_dim), mask, softcap == "1", entropy == "1", int(arch))
+    kernel, dtype, head_dim, mask, softcap, entropy, arch, *sinks = text.split(",")
+    return Variant(kernel, dtype, int(head_dim), mask, softcap == "1", entropy == "1", int(arch), sinks == ["1"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every combination of flags (about 5x longer)")
-    parser.add_argument("--variant", help="only this one: KERNEL,DTYPE,HEAD_DIM,MASK,SOFTCAP,ENTROPY,ARCH "
-                                          "(e.g. forward,bf16,128,window,1,1,90)")
+    parser.add_argument("--variant", help="only this one: KERNEL,DTYPE,HEAD_DIM,MASK,SOFTCAP,ENTROPY,ARCH[,SINKS] "
+                                          "(e.g. forward,bf16,128,window,1,1,90,1)")
     parser.add_argument("--config", help="with --variant: BLOCK_M,BLOCK_N,NUM_WARPS,NUM_STAGES instead of launch.py's")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--workers", type=int, default=2)

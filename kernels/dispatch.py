@@ -46,6 +46,7 @@ def attention_with_stats(
     spans=None,
     want=DEFAULT_WANT,
     query_rows=None,
+    sinks=None,
     backend: str = "auto",
     strict: bool = False,
 ):
@@ -55,7 +56,9 @@ def attention_with_stats(
     last nq of the nk positions. window: keys more than window-1 behind a query are hidden (causal only).
     softcap: scores -> softcap * tanh(scores / softcap). spans: {name: (start, end)} or [(start, end), ...]
     of keys. want: any of "lse", "top1", "span_mass", "entropy", "colsum". query_rows: the queries for top1
-    and entropy (default all; negative counts from the end).
+    and entropy (default all; negative counts from the end). sinks: [heads] learned sink logits (gpt-oss), one
+    more logit in each row's softmax with no value: the weights on the keys then sum to less than 1 (see
+    AttentionStats for what each statistic counts).
     backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton"; Triton without CUDA falls back
     to torch with one warning, or raises when strict=True.
     Returns (out [batch, heads, nq, d] in q's dtype, AttentionStats in float32 / int64).
@@ -63,7 +66,7 @@ def attention_with_stats(
     if backend not in BACKENDS:
         raise KernelInputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     problem = check_problem(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, spans=spans,
-                            want=want, query_rows=query_rows)
+                            want=want, query_rows=query_rows, sinks=sinks)
     return solve(q, k, v, problem, backend=backend, strict=strict)
 
 
@@ -87,8 +90,11 @@ def solve(q, k, v, problem: Problem, *, backend: str = "auto", strict: bool = Fa
     if use_triton:
         from .triton_kernel import attention_with_stats_triton
 
-        return attention_with_stats_triton(q, k, v, problem)
-    return attention_with_stats_torch(q, k, v, problem)
+        out, stats = attention_with_stats_triton(q, k, v, problem)
+    else:
+        out, stats = attention_with_stats_torch(q, k, v, problem)
+    stats.sinks = problem.sinks
+    return out, stats
 
 
 __all__ = ["AttentionStats", "BACKENDS", "DEFAULT_WANT", "Problem", "STATISTICS", "attention_with_stats",

@@ -18,16 +18,27 @@ class AttentionStats:
     """Per-head attention statistics of one layer; fields not asked for are None.
 
     Row statistics (top1, top1_prob, entropy) cover the queries in `query_rows`; the rest cover all queries.
+    With learned sink logits (`Problem.sinks`) each row's softmax runs over its keys and the head's sink: the LSE
+    includes the sink, the weights on the keys sum to 1 - exp(sink - lse), top1 is a key (never the sink), span mass
+    and column sums count keys only, and the entropy is that of the whole distribution, keys and sink.
     """
 
-    lse: Float[torch.Tensor, "b h nq"] | None = None  # log-sum-exp of the (scaled, capped) scores
+    lse: Float[torch.Tensor, "b h nq"] | None = None  # log-sum-exp of the (scaled, capped) scores and the sink
     top1: Int[torch.Tensor, "b h r"] | None = None  # the key each query attends to most
     top1_prob: Float[torch.Tensor, "b h r"] | None = None  # its attention weight
-    entropy: Float[torch.Tensor, "b h r"] | None = None  # of the attention row, in nats
+    entropy: Float[torch.Tensor, "b h r"] | None = None  # of the attention row (and the sink), in nats
     span_mass: Float[torch.Tensor, "b h nq s"] | None = None  # attention on each named key span
     colsum: Float[torch.Tensor, "b h nk"] | None = None  # attention each key receives, summed over queries
     query_rows: Int[torch.Tensor, "r"] | None = None
     span_names: list[str] = field(default_factory=list)
+    sinks: Float[torch.Tensor, "h"] | None = None  # the learned sink logits the statistics include (None: no sinks)
+
+    @property
+    def sink_mass(self) -> Float[torch.Tensor, "b h nq"] | None:
+        """The weight each query gives its head's learned sink, exp(sink - lse); None without sinks (or lse)."""
+        if self.sinks is None or self.lse is None:
+            return None
+        return torch.exp(self.sinks.to(self.lse.device)[:, None] - self.lse)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class Problem:
     span_names: list[str]
     want: frozenset[str]
     query_rows: torch.Tensor  # [r] indices into the nq queries
+    sinks: torch.Tensor | None = None  # [h] fp32 learned sink logit per query head (gpt-oss), None: no sink
 
     @property
     def row_stats(self) -> bool:
@@ -52,6 +64,14 @@ class Problem:
         scores = raw.float() * self.scale
         return scores if self.softcap is None else torch.tanh(scores / self.softcap) * self.softcap
 
+    def probs(self, logits: Float[torch.Tensor, "... h nq nk"]) -> Float[torch.Tensor, "... h nq nk"]:
+        """Attention weights of the keys from logits (hidden keys -inf): the softmax of each row, with each head's
+        learned sink in the normaliser when there are sinks (it has no value: a row then sums to less than 1)."""
+        if self.sinks is None:
+            return logits.softmax(-1)
+        sink = self.sinks.to(logits.dtype).view(-1, 1, 1).expand(*logits.shape[:-1], 1)
+        return torch.cat([logits, sink], -1).softmax(-1)[..., :-1]
+
 
 def expand_kv(x: Float[torch.Tensor, "b kv ..."], n_heads: int) -> Float[torch.Tensor, "b h ..."]:
     """Keys or values per query head: query head h reads KV head h // (n_heads // kv)."""
@@ -59,7 +79,7 @@ def expand_kv(x: Float[torch.Tensor, "b kv ..."], n_heads: int) -> Float[torch.T
     return x.repeat_interleave(group, dim=1) if group > 1 else x
 
 
-def check_problem(q, k, v, *, causal, window, scale, softcap, spans, want, query_rows) -> Problem:
+def check_problem(q, k, v, *, causal, window, scale, softcap, spans, want, query_rows, sinks=None) -> Problem:
     """Validate shapes, dtypes, devices, spans and options; one KernelInputError sentence per fault."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
@@ -106,4 +126,18 @@ def check_problem(q, k, v, *, causal, window, scale, softcap, spans, want, query
         if rows.numel() == 0 or rows.min() < 0 or rows.max() >= n_q:
             raise KernelInputError(f"query_rows must index the {n_q} queries (negative counts from the end)")
     return Problem(causal=causal, window=window, scale=d ** -0.5 if scale is None else float(scale),
-                   softcap=softcap, spans=ranges, span_names=names, want=want, query_rows=rows)
+                   softcap=softcap, spans=ranges, span_names=names, want=want, query_rows=rows,
+                   sinks=_check_sinks(sinks, h, q.device))
+
+
+def _check_sinks(sinks, n_heads: int, device) -> torch.Tensor | None:
+    """Learned sink logits (finite, like q and k: not checked, which would wait for the device) as a detached fp32
+    [heads] tensor on q's device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (n_heads,) or not sinks.is_floating_point():
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise KernelInputError(f"sinks must be a float tensor of one logit per query head [{n_heads}], got {shape}")
+    if sinks.device != device:
+        raise KernelInputError(f"sinks are on {sinks.device} and q on {device}; put them on one device")
+    return sinks.detach().float()

@@ -6,6 +6,10 @@
   (as a FlashAttention backward does).
 - Everything else (sliding window, softcap, decoding with nq < nk): one pass over blocks of queries, each
   against the band of keys it can see, computing every statistic from exact row softmaxes.
+
+Learned sinks join each row's LSE (lse = logaddexp(lse over the keys, sink)); the fused route rescales torch's
+output by exp(lse over the keys - lse), and every statistic then follows from the LSE as without sinks, except the
+entropy, which adds the sink's own term.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ def block_scores(
     return scores
 
 
+def _grouped_sinks(p: Problem, kv: int) -> Float[torch.Tensor, "1 kv g 1"] | None:
+    """The sink logits shaped to broadcast against grouped [b, kv, g, rows] statistics; None without sinks."""
+    return None if p.sinks is None else _grouped(p.sinks.view(1, -1, 1), kv)
+
+
+def _sink_entropy(lse, sinks):
+    """The sink's term of a row's entropy, -p_sink log p_sink minus its share of lse: -exp(sink - lse) * sink
+    (the entropy is lse - sum_j p_j s_j - p_sink * sink, lse over the keys and the sink)."""
+    return -torch.exp(sinks - lse) * sinks
+
+
 def _rows_per_block(b: int, h: int, n_keys: int, budget: int) -> int:
     return max(1, min(4096, budget // max(1, 3 * 4 * b * h * n_keys)))  # ~3 fp32 temporaries of a block
 
@@ -85,8 +100,12 @@ def _fused(q, k, v, p: Problem, op, budget: int):
     v_full = v.repeat_interleave(group, dim=1) if group > 1 else v
     # fp32 throughout: the op rounds half-precision scores (its LSE is off by ~6e-5 in bf16)
     out, lse = op(q.float(), k_full.float(), v_full.float(), 0.0, p.causal, scale=p.scale)
-    out, lse = out.to(q.dtype), lse.float()
+    lse = lse.float()
     del k_full, v_full
+    if p.sinks is not None:
+        lse_keys, lse = lse, torch.logaddexp(lse, p.sinks.view(1, -1, 1))
+        out = out * torch.exp(lse_keys - lse)[..., None]
+    out = out.to(q.dtype)
     qg, lse_g = _grouped(q, kv), _grouped(lse, kv)
     positions = torch.arange(n)
     stats = AttentionStats(lse=lse if "lse" in p.want else None, query_rows=p.query_rows, span_names=p.span_names)
@@ -113,6 +132,7 @@ def _row_stats(qg, k, lse_g, p: Problem, stats: AttentionStats, budget: int) -> 
     top1 = torch.empty(b, kv, g, len(rows), dtype=torch.long, device=qg.device)
     best = torch.empty(b, kv, g, len(rows), dtype=torch.float32, device=qg.device)
     entropy = torch.empty_like(best) if "entropy" in p.want else None
+    sinks = _grouped_sinks(p, kv)
     step = _rows_per_block(b, kv * g, n, budget)
     for r0 in range(0, len(rows), step):
         block = rows[r0:r0 + step]
@@ -126,6 +146,8 @@ def _row_stats(qg, k, lse_g, p: Problem, stats: AttentionStats, budget: int) -> 
             weighted = scores.nan_to_num(0.0, neginf=0.0)
             weighted *= scores.sub_(lse[..., None]).exp_()
             entropy[..., r0:r0 + len(block)] = lse - weighted.sum(-1)
+            if sinks is not None:
+                entropy[..., r0:r0 + len(block)] += _sink_entropy(lse, sinks)
     if "top1" in p.want:
         stats.top1 = _ungrouped(top1)
         stats.top1_prob = _ungrouped(torch.exp(best - lse_g[:, :, :, rows]))
@@ -163,6 +185,7 @@ def _blocked(q, k, v, p: Problem, budget: int):
     top1, top1_prob = (zeros(n_q, dtype=torch.long), zeros(n_q)) if "top1" in want else (None, None)
     entropy = zeros(n_q) if "entropy" in want else None
     membership = _span_membership(p, n_k, q.device) if span_mass is not None else None
+    sinks = _grouped_sinks(p, kv)
     band = n_k if p.window is None else min(n_k, p.window)
     step = _rows_per_block(b, h, band + 64, budget)
     for start in range(0, n_q, step):
@@ -173,6 +196,10 @@ def _blocked(q, k, v, p: Problem, budget: int):
         weighted = scores.nan_to_num(0.0, neginf=0.0) if entropy is not None else None
         probs = scores.sub_(best[..., None]).exp_()  # in place: scores are now exp(s - max)
         block_lse = best + probs.sum(-1).log()
+        sink_entropy = 0.0
+        if sinks is not None:
+            block_lse = torch.logaddexp(block_lse, sinks)
+            sink_entropy = _sink_entropy(block_lse, sinks)
         probs *= torch.exp(best - block_lse)[..., None]  # exact row softmax; hidden keys are 0
         out[..., start:end, :] = torch.matmul(probs, v[:, :, None, lo:hi].float())
         lse[..., start:end] = block_lse
@@ -180,7 +207,7 @@ def _blocked(q, k, v, p: Problem, budget: int):
             top1[..., start:end] = best_key + lo
             top1_prob[..., start:end] = torch.exp(best - block_lse)
         if entropy is not None:
-            entropy[..., start:end] = block_lse - (probs * weighted).sum(-1)
+            entropy[..., start:end] = block_lse - (probs * weighted).sum(-1) + sink_entropy
         if span_mass is not None:
             span_mass[..., start:end, :] = probs @ membership[lo:hi]
         if colsum is not None:

@@ -8,6 +8,9 @@ Forward, per (query tile, batch x head), streaming over key tiles with an online
     acc  = sum p v                         out = acc / l
     t    = sum p s                         entropy = ln(2) * (m + log2 l - t / l)
     top1 = the first key that reaches m
+    sink (learned, per head): after the key tiles, one more term of the softmax with no value: m, l, acc and t are
+                           rescaled to max(m, sink) and l, t gain its term; top1 stays the best key (its running
+                           max is kept apart from m), its probability 2^(top - m) / l
 Span mass, per (query tile, batch x head): for each span, the sum over its keys of 2^(s - lse log2 e); only the
 spans' key tiles are visited.
 Column sums, per (key tile, batch x head): the sum over queries of 2^(s - lse log2 e).
@@ -159,11 +162,11 @@ def _attend(acc, m_i, l_i, t_i, arg_i, q, k_base, v_base, start_n, q_pos, n_k, s
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, Out, Lse, Top1, Top1P, Ent,
+    Q, K, V, Sinks, Out, Lse, Top1, Top1P, Ent,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     n_q, n_k, H, GROUP, scale, softcap, window,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+    PRECISION: tl.constexpr, WANT_ENTROPY: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, D_BLOCK: tl.constexpr,
 ):
     # the last query tiles see the most keys (causal): they start first, the short ones fill the tail
@@ -200,6 +203,17 @@ def _forward_kernel(
             scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, UPCAST, PRECISION, WANT_ENTROPY,
             BLOCK_N, HEAD_D, D_BLOCK)
 
+    top_i = m_i  # the best key's score
+    if HAS_SINKS:  # the sink's term: the sums rescaled to max(m, sink), then the sink added (it has no value)
+        sink = tl.load(Sinks + h) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_new)
+        p_sink = tl.math.exp2(sink - m_new)
+        l_i = l_i * alpha + p_sink
+        t_i = t_i * alpha + p_sink * sink
+        acc = acc * alpha[:, None]
+        m_i = m_new
+
     row_ok = offs_m < n_q
     l_i = tl.where(row_ok, l_i, 1.0)  # padding rows beyond n_q: keep their (unstored) numbers finite
     log2_l = tl.math.log2(l_i)
@@ -210,7 +224,10 @@ def _forward_kernel(
     row = pid_bh.to(tl.int64) * n_q + offs_m  # into the [batch, heads, n_q] statistics
     tl.store(Lse + row, (m_i + log2_l) * LN2, mask=row_ok)
     tl.store(Top1 + row, arg_i, mask=row_ok)
-    tl.store(Top1P + row, 1.0 / l_i, mask=row_ok)  # 2^(m - log2 l) with m the top score
+    if HAS_SINKS:
+        tl.store(Top1P + row, tl.math.exp2(top_i - m_i) / l_i, mask=row_ok)
+    else:
+        tl.store(Top1P + row, 1.0 / l_i, mask=row_ok)  # 2^(m - log2 l) with m the top score
     if WANT_ENTROPY:
         tl.store(Ent + row, (m_i + log2_l - t_i / l_i) * LN2, mask=row_ok)
 
@@ -321,8 +338,10 @@ def attention_with_stats_triton(q, k, v, p: Problem, configs: dict[str, LaunchCo
         kernel[grid](*args, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
                      **constants, **flags)
 
-    launch(_forward_kernel, "forward", n_q, q, k, v, out, lse, top1, top1_prob, entropy,
-           *q.stride(), *k.stride(), *v.stride(), *out.stride(), *geometry, WANT_ENTROPY=want_entropy)
+    sinks = lse if p.sinks is None else p.sinks.contiguous()  # without sinks: any pointer, never read
+    launch(_forward_kernel, "forward", n_q, q, k, v, sinks, out, lse, top1, top1_prob, entropy,
+           *q.stride(), *k.stride(), *v.stride(), *out.stride(), *geometry, WANT_ENTROPY=want_entropy,
+           HAS_SINKS=p.sinks is not None)
     rows = p.query_rows.to(q.device)
     stats = AttentionStats(lse=lse if "lse" in p.want else None, query_rows=p.query_rows, span_names=p.span_names)
     if "top1" in p.want:

@@ -6,6 +6,10 @@ can see it and divided by their number, exceeds alpha (0.1). The last keys of a 
 queries, so one query's attention can make them "sinks": keys seen by fewer than `min_queries` queries are never
 sinks (default 32; documented artefact, not a finding). The first token (position 0) is reported apart.
 
+A model with learned sink logits (gpt-oss: one per head, in each row's softmax with no value) is also reported with
+the mass each head gives its learned sink beside the mass on the first token (`learned_sink_mass`; models without
+learned sinks have no such column).
+
 ACT: in chosen heads every detected sink except the initial token keeps beta (0.4) of its attention; the removed
 mass goes to the query's other keys in proportion to their weights, so each row still sums to 1.
 
@@ -91,23 +95,30 @@ def sink_stats(model, tokens, *, alpha: float = ALPHA, min_queries: int = MIN_QU
 
     Returns mean [L, H, n] (received attention per seeing query), sinks [L, H, n] (non-initial sinks),
     first_mass [L, H] (mean attention on position 0 over all queries), other_mass [L, H] (mean attention on the
-    non-initial sinks over all queries) and tokens (the sequence's str tokens).
+    non-initial sinks over all queries), learned_mass [L, H] (mean weight of the heads' learned sinks over all
+    queries; None for a model without learned sinks) and tokens (the sequence's str tokens).
     """
     _check(alpha, beta=BETA, min_queries=min_queries)
     tokens = model.as_tokens(tokens)
     if tokens.shape[0] != 1:
         raise InputError("sink_stats takes one sequence at a time ([1, pos])")
     n = tokens.shape[1]
-    stats = attention_stats(model, tokens, want=("colsum",), backend=backend)
+    stats = attention_stats(model, tokens, want=("colsum", "lse"), backend=backend)
     colsum = stack_stats(stats, "colsum")[:, 0]  # [L, H, n]
+    learned = [layer.sink_mass for layer in stats.values()]  # [1, H, n] each, None without learned sinks
     means, sinks = [], []
     for layer in range(model.n_layers):
         mean, seeing = mean_received(colsum[layer], n, model.is_causal, model.sliding_window(layer))
         means.append(mean)
         sinks.append(sink_mask(mean, seeing, alpha, min_queries))
     sinks = torch.stack(sinks)
+    learned_mass = None
+    if any(mass is not None for mass in learned):  # a layer without learned sinks gives them no weight
+        learned_mass = torch.stack([torch.zeros(model.n_heads) if mass is None else mass[0].mean(-1).cpu()
+                                    for mass in learned])
     return {"mean": torch.stack(means), "sinks": sinks, "first_mass": colsum[..., 0] / n,
-            "other_mass": (colsum * sinks).sum(-1) / n, "tokens": model.to_str_tokens(tokens[0])}
+            "other_mass": (colsum * sinks).sum(-1) / n, "tokens": model.to_str_tokens(tokens[0]),
+            "learned_mass": learned_mass}
 
 
 # ---- the probe ------------------------------------------------------------------------------------------
@@ -140,6 +151,8 @@ class Sinks(Probe):
         "first_mass": "mean attention per query on the first token",
         "n_sinks": "non-initial sinks per text",
         "sink_rate": "fraction of texts with at least one non-initial sink",
+        "learned_sink_mass": "mean weight per query on the head's learned sink logit (models with learned sinks, "
+                             "e.g. gpt-oss; absent for others)",
     }
     roles = {"sink": Role()}
 
@@ -177,23 +190,32 @@ class Sinks(Probe):
     def run(self, model, params, unit):
         tokens = self.sequences(model, params)[unit.data["index"]]
         found = sink_stats(model, tokens, alpha=params.alpha, min_queries=params.min_queries, backend=params.backend)
-        return {"first_mass": found["first_mass"], "other_mass": found["other_mass"],
-                "per_head": found["sinks"].sum(-1), "length": int(tokens.shape[1]),
-                "sinks": [[layer, head, position, found["tokens"][position]]
-                          for layer, head, position in found["sinks"].nonzero().tolist()]}
+        partial = {"first_mass": found["first_mass"], "other_mass": found["other_mass"],
+                   "per_head": found["sinks"].sum(-1), "length": int(tokens.shape[1]),
+                   "sinks": [[layer, head, position, found["tokens"][position]]
+                             for layer, head, position in found["sinks"].nonzero().tolist()]}
+        if found["learned_mass"] is not None:
+            partial["learned_mass"] = found["learned_mass"]
+        return partial
 
     def merge(self, model, params, partials):
         first, other, count, present = 0, 0, 0, 0
         samples: dict[str, list] = {"score": [], "first_mass": [], "n_sinks": [], "sink_rate": []}  # per text
         sink_tokens: Counter = Counter()
         positions: dict[str, list] = {}
+        learned = "learned_mass" in next(iter_partials(partials))[1]
+        if learned:
+            samples["learned_sink_mass"] = []
         for index, (_, partial) in enumerate(iter_partials(partials)):
+            if learned:
+                samples["learned_sink_mass"].append(torch.tensor(partial["learned_mass"], dtype=torch.float64))
             first = first + torch.tensor(partial["first_mass"], dtype=torch.float32)
             other = other + torch.tensor(partial["other_mass"], dtype=torch.float32)
             per_head = torch.tensor(partial["per_head"], dtype=torch.long)
             count = count + per_head
             present = present + (per_head > 0)
-            for column, value in zip(samples, (partial["other_mass"], partial["first_mass"], per_head, per_head > 0)):
+            for column, value in zip(("score", "first_mass", "n_sinks", "sink_rate"),
+                                     (partial["other_mass"], partial["first_mass"], per_head, per_head > 0)):
                 samples[column].append(torch.as_tensor(value, dtype=torch.float64))
             for layer, head, position, token in partial["sinks"]:
                 sink_tokens[token] += 1
@@ -203,8 +225,9 @@ class Sinks(Probe):
                          sink_tokens=sink_tokens.most_common(20), sink_positions=positions,
                          heads_with_sinks=int(((count / n) > 0).sum()), uncertainty=method("texts", n))
         bounds = intervals({column: torch.stack(values) for column, values in samples.items()})
+        extra = {"learned_sink_mass": torch.stack(samples["learned_sink_mass"]).mean(0)} if learned else {}
         return HeadScores.from_matrix(other / n, meta, first_mass=first / n, n_sinks=count / n, sink_rate=present / n,
-                                      **bounds)
+                                      **extra, **bounds)
 
 
 PROBE = Sinks()

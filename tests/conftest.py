@@ -30,6 +30,14 @@ smollm2 = session_model("smollm2-135m")
 gemma3 = session_model("gemma3-270m")
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt_oss(tmp_path_factory):
+    """A tiny random gpt-oss with learned sinks (tests/gpt_oss.py), saved and loaded through headlab."""
+    from gpt_oss import build_tiny_gpt_oss
+
+    return build_tiny_gpt_oss(tmp_path_factory.mktemp("gpt-oss"))
+
+
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gemma3", "tiny-bert"])
 def tiny(request):
     return headlab.load_model(request.param)

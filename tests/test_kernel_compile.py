@@ -33,17 +33,18 @@ def _compile_check(tmp_path, *args):
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
-    """Each (kernel, dtype, head dim, arch) with all its flags on (window, softcap, entropy), the forward kernel
-    with all off, and in bf16 the capture path's default (causal) and the other kernels with all flags off: every
-    flag on and off (compile_check.variants). 90 compiles: 136-160 s from a cold Triton cache on 2 busy cores.
-    All 432 combinations: `python -m headlab.kernels.compile_check --full` (about 13 minutes)."""
+    """Each (kernel, dtype, head dim, arch) with all its flags on (window, softcap, entropy, learned sinks), the
+    forward kernel with all off, and in bf16 the capture path's default (causal) and the other kernels with all flags
+    off: every flag on and off (compile_check.variants). 90 compiles: 136-160 s from a cold Triton cache on 2 busy
+    cores.
+    All 576 combinations: `python -m headlab.kernels.compile_check --full` (about 17 minutes)."""
     code, table, rows = _compile_check(tmp_path)
     print(table)
     compiled = {(r["kernel"], r["dtype"], r["head_dim"], r["arch"]) for r in rows}
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     assert compiled == {(k, names[t], d, a) for k in KERNELS for t in DTYPES for d in HEAD_DIMS for a in ARCHS}
     for flag, values in (("mask", {"none", "causal", "window"}), ("softcap", {False, True}),
-                         ("entropy", {False, True})):
+                         ("entropy", {False, True}), ("sinks", {False, True})):
         assert {r[flag] for r in rows} == values, flag
     for r in rows:
         where = f"{r['kernel']} {r['dtype']} d={r['head_dim']} sm_{r['arch']} {r['mask']} {r['config']}"

@@ -61,6 +61,55 @@ def test_fp32_equals_the_full_matrix(backend, case):
     _compare(out, stats, ref, {"out": 1e-5, "stat": 1e-5})
 
 
+SINK_CASES = ["odd-n", "gqa-4-1-window", "decode-5-window", "softcap", "rows"]  # the fused and the blocked route
+
+
+def _sinks(h, seed=1):
+    """Sink logits around the scores' scale (|q . k| / sqrt(d) ~ 1) and one far above them: a head whose rows give
+    their sink almost everything, where top1 must still be a key."""
+    sinks = 2 * torch.randn(h, generator=torch.Generator().manual_seed(seed))
+    sinks[0] = 8.0
+    return sinks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_learned_sinks_equal_the_full_matrix(backend, case):
+    """Sinks join each row's normaliser: every statistic, and the sink's own weight, as the fp64 reference gives
+    them (same fp32 bound as without sinks: the sink adds one term to each row's sums)."""
+    b, h, kv, n_q, n_k, d, options = CASES[case]
+    q, k, v = _inputs(b, h, kv, n_q, n_k, d)
+    spans, sinks = _spans(n_k), _sinks(h)
+    out, stats = attention_with_stats(q, k, v, spans=spans, want=ALL, sinks=sinks, backend=backend, strict=True,
+                                      **options)
+    options.pop("query_rows", None)
+    ref = reference_stats(q, k, v, spans=list(spans.values()), sinks=sinks, **options)
+    _compare(out, stats, ref, {"out": 1e-5, "stat": 1e-5})
+    assert (stats.sink_mass - ref["sink_prob"]).abs().max() <= 1e-5
+    assert ref["sink_prob"][:, 0].min() > 0.5  # the dominant sink takes most of head 0's rows
+
+
+def test_a_dropped_sink_fails_the_bound():
+    """The statistics without the sink logit are far outside the bound above: the sinks matter in these tests."""
+    b, h, kv, n_q, n_k, d, options = CASES["odd-n"]
+    q, k, v = _inputs(b, h, kv, n_q, n_k, d)
+    spans, sinks = _spans(n_k), _sinks(h)
+    out, stats = attention_with_stats(q, k, v, spans=spans, want=ALL, backend="torch", **options)
+    ref = reference_stats(q, k, v, spans=list(spans.values()), sinks=sinks, **options)
+    with pytest.raises(AssertionError):
+        _compare(out, stats, ref, {"out": 1e-5, "stat": 1e-5})
+    for name in ("lse", "entropy", "top1_prob", "colsum"):
+        assert (getattr(stats, name) - ref[name]).abs().max() > 0.1, name
+
+
+def test_bad_sinks_are_one_clear_error():
+    q, k, v = _inputs(1, 4, 2, 8, 8, 16)
+    for sinks, words in ((torch.zeros(3), "one logit per query head [4]"), ([0.0] * 4, "float tensor"),
+                         (torch.zeros(4, dtype=torch.long), "float tensor")):
+        with pytest.raises(KernelInputError, match=words.replace("[", r"\[")):
+            attention_with_stats(q, k, v, sinks=sinks, backend="torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_accumulates_in_fp32(backend, dtype):
@@ -72,15 +121,17 @@ def test_half_precision_accumulates_in_fp32(backend, dtype):
     _compare(out, stats, ref, {"out": 4 * torch.finfo(dtype).eps, "stat": 1e-5})
 
 
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
 @pytest.mark.parametrize("rows", [None, range(-8, 0), [3, 50, 120]])
-def test_torch_twin_routes_agree(rows):
-    """The fused route (CPU flash attention + LSE) and the blocked route give the same statistics."""
+def test_torch_twin_routes_agree(rows, sinks):
+    """The fused route (CPU flash attention + LSE; with sinks its output rescaled to the LSE with the sink) and the
+    blocked route give the same statistics."""
     from headlab.kernels.stats import check_problem
     from headlab.kernels.torch_twin import attention_with_stats_torch
 
     q, k, v = _inputs(1, 9, 3, 200, 200, 32)
     problem = check_problem(q, k, v, causal=True, window=None, scale=None, softcap=None, spans=_spans(200),
-                            want=ALL, query_rows=rows)
+                            want=ALL, query_rows=rows, sinks=_sinks(9) if sinks else None)
     fused_out, fused = attention_with_stats_torch(q, k, v, problem, route="fused")
     blocked_out, blocked = attention_with_stats_torch(q, k, v, problem, route="blocked")
     assert (fused_out - blocked_out).abs().max() < 1e-5

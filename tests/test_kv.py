@@ -1,5 +1,6 @@
 """headlab.kv: policies, real eviction (cache + attention function), accounting, interchange, evaluation, CLI."""
 
+import dataclasses
 import json
 import warnings
 
@@ -518,3 +519,24 @@ def test_recording_under_a_policy_equals_the_kernel_on_the_kept_keys(tiny_llama,
         _, every_key = attention_with_stats(q[:, head:head + 1, n - 1:], k[:, :1], v[:, :1], want=("lse",))
         assert (every_key.lse - recorder.stats[layer].lse[:, head:head + 1]).abs().max() > 1e-2
         assert recorder.stats[layer].span_mass[:, head, :, 1].abs().max() == 0  # "middle" was evicted
+
+
+def test_gpt_oss_streaming_heads_keep_their_learned_sinks(tiny_gpt_oss, monkeypatch):
+    """A policy that splits gpt-oss's full-attention layer into parts (KV head 0 streams, with a window longer than
+    the text, so it keeps every key) gives the plain model's eager logits: each part carries its own heads' sink
+    logits. A wrong variant, parts without their sinks, does not."""
+    from headlab.attention import Call
+
+    model = tiny_gpt_oss
+    torch.manual_seed(4)
+    ids, tokens = torch.randint(4, 200, (1, 30)), torch.randint(4, 200, (4,))
+    policy = kv.from_heads(model, [(1, 1)], sink=2, window=1000)
+    ref = _plain_logits(model, ids, tokens)
+    got, cache = _policy_logits(model, ids, tokens, policy)
+    assert isinstance(cache.layers[1], kv.cache.PolicyLayer) and cache.layers[1].stream_idx == [0]
+    # the same sums in other orders (parts, eager vs. SDPA-free maths): fp32 rounding, ~1e-6 on logits ~7
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-4
+    part = Call.part
+    monkeypatch.setattr(Call, "part", lambda self, *a, **k: dataclasses.replace(part(self, *a, **k), sinks=None))
+    dropped, _ = _policy_logits(model, ids, tokens, policy)
+    assert max((a - b).abs().max().item() for a, b in zip(dropped, ref)) > 1e-2

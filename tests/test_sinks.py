@@ -187,3 +187,31 @@ def test_user_task_files(tmp_path):
     mmlu.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "B"}) + "\n")
     example = load_task(mmlu).examples[0]
     assert example.answer == 1 and example.prompt == "Question: 2+2?\nA. 3\nB. 4\nAnswer:"
+
+
+def test_learned_sink_mass_of_gpt_oss_matches_its_eager_probabilities(tiny_gpt_oss, tiny_llama):
+    """learned_sink_mass: per head, the mean over texts and queries of 1 - (the row's weights on the keys), the
+    weights from gpt-oss's own eager attention in fp64; first_mass beside it likewise. A model without learned sinks
+    has no such column."""
+    from gpt_oss import SINKS, eager_reference
+
+    model = tiny_gpt_oss
+    texts = ["A first text about attention sinks and where they go.", "Another, shorter one!"]
+    table = sinks.scan(model, texts, min_queries=4, progress=False).frame
+    expected_learned, expected_first, wrong = torch.zeros(model.n_layers, model.n_heads), 0, 0
+    for text in texts:
+        reference = eager_reference(model, model.to_tokens(text), [(0, 1)])
+        expected_learned += torch.stack([ref["sink_prob"][0].mean(-1) for ref in reference.values()]).float()
+        # a wrong variant: the sink's weight against the keys alone, exp(sink - lse of the keys)
+        wrong += torch.stack([(ref["sink_prob"] / (1 - ref["sink_prob"]))[0].mean(-1)
+                              for ref in reference.values()]).float()
+        expected_first += torch.stack([ref["p"][0, :, :, 0].mean(-1) for ref in reference.values()]).float()
+    learned = torch.tensor(table["learned_sink_mass"].to_numpy(), dtype=torch.float32).view(model.n_layers, -1)
+    first = torch.tensor(table["first_mass"].to_numpy(), dtype=torch.float32).view(model.n_layers, -1)
+    # fp32 model against fp64 (two layers): ~1e-6
+    assert (learned - expected_learned / len(texts)).abs().max() <= 1e-5
+    assert (learned - wrong / len(texts)).abs().max() > 1e-2
+    assert (first - expected_first / len(texts)).abs().max() <= 1e-5
+    assert learned[1, 0] > 0.15 and SINKS[1][0] == max(max(SINKS))  # the largest sink logit takes the most
+    assert {"learned_sink_mass_lo", "learned_sink_mass_hi"} <= set(table.columns)
+    assert "learned_sink_mass" not in sinks.scan(tiny_llama, texts[:1], min_queries=4, progress=False).frame

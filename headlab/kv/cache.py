@@ -324,9 +324,9 @@ class _PolicyHandler(Splitter):
             out = attend(call)
             if call.layer in cache._long and call.query.shape[2] > 1:
                 if cache.observe:
-                    _observe(cache, call.layer, _last_rows_scores(call, cache.observe), call.key.shape[1])
+                    _observe(cache, call.layer, _last_rows_probs(call, cache.observe), call.key.shape[1])
                 if cache.measure is not None:
-                    _measure_far(cache, call.layer, _last_rows_scores(call, cache.measure["rows"]))
+                    _measure_far(cache, call.layer, _last_rows_probs(call, cache.measure["rows"]))
             return out
         b, n_heads, n, _ = call.query.shape
         group = n_heads // (len(entry.full_idx) + len(entry.stream_idx))
@@ -366,35 +366,35 @@ def _stream_attention(call: Call, attend, heads, view, q_start: int, sink: int, 
     return torch.cat(outs, dim=1)
 
 
-def _last_rows_scores(call: Call, rows: int) -> torch.Tensor:
-    """[H, r, T] fp32 logits (the kernel's: scaled, capped) of a prefill's last `rows` queries on every key,
-    causal-masked."""
+def _last_rows_probs(call: Call, rows: int) -> torch.Tensor:
+    """[H, r, T] fp32 attention weights (from the kernel's logits: scaled, capped; with the heads' learned sinks in
+    the normaliser) of a prefill's last `rows` queries on every key, causal-masked."""
     problem = call.problem()
     q = call.query[0, :, -rows:].float()
     k = call.key[0].float().repeat_interleave(q.shape[0] // call.key.shape[1], dim=0)
     total = k.shape[1]
     q_pos = torch.arange(total - q.shape[1], total, device=q.device)
     scores = problem.logits(torch.matmul(q, k.transpose(-1, -2)))
-    return scores.masked_fill(~visible_keys(q_pos, torch.arange(total, device=q.device), True, None), float("-inf"))
+    visible = visible_keys(q_pos, torch.arange(total, device=q.device), True, None)
+    return problem.probs(scores.masked_fill(~visible, float("-inf")))
 
 
-def _observe(cache: PolicyCache, layer: int, scores: torch.Tensor, n_kv: int) -> None:
+def _observe(cache: PolicyCache, layer: int, probs: torch.Tensor, n_kv: int) -> None:
     """Record the pooled attention of the last `cache.observe` queries on every key, per KV head [kv, keys]."""
-    weights = torch.softmax(scores, dim=-1).sum(1)  # [H, T]
+    weights = probs.sum(1)  # [H, T]
     total = weights.shape[-1]
     weights = weights.reshape(n_kv, weights.shape[0] // n_kv, total).sum(1)
     pooled = F.avg_pool1d(weights[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]
     cache.observed[layer] = pooled
 
 
-def _measure_far(cache: PolicyCache, layer: int, scores: torch.Tensor) -> None:
+def _measure_far(cache: PolicyCache, layer: int, probs: torch.Tensor) -> None:
     """Per query head, the attention mass the last `rows` queries put on keys a streaming head would not keep
     (past the first `sink` and outside the last `window`), averaged over those rows: [H]."""
     sink, window = cache.measure["sink"], cache.measure["window"]
-    n_rows, total = scores.shape[1:]
-    q_pos = torch.arange(total - n_rows, total, device=scores.device)
-    k_pos = torch.arange(total, device=scores.device)
-    probs = torch.softmax(scores, dim=-1)
+    n_rows, total = probs.shape[1:]
+    q_pos = torch.arange(total - n_rows, total, device=probs.device)
+    k_pos = torch.arange(total, device=probs.device)
     far = (k_pos[None] >= sink) & ~visible_keys(q_pos, k_pos, False, window)
     cache.measure["out"][layer] = (probs * far).sum(-1).mean(-1).cpu()
 
