@@ -58,6 +58,7 @@ class Architecture:
     bridge_post_attention_norm: ClassVar[str | None] = None  # that norm's name in a TransformerLens bridge block
     parallel_attention_mlp: ClassVar[bool] = False  # attention and MLP read the same residual (no resid_mid)
     window_on_every_layer: ClassVar[bool] = False  # config.sliding_window masks every layer (Mistral)
+    learned_sinks: ClassVar[bool] = False  # a learned logit per head joins each softmax (its rows sum to less than 1)
 
     def __init__(self, hf: nn.Module, multimodal: bool = False):
         self.hf = hf
@@ -269,6 +270,7 @@ class GptOss(Architecture):
 
     family = "gpt-oss"
     model_types = ("gpt_oss",)
+    learned_sinks = True
 
 
 class GPTNeoX(Architecture):
