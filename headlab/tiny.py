@@ -149,7 +149,7 @@ def tiny_model(name: str, seed: int = 0):
 # Two layers, width 64, 4 query heads (2 KV heads where the family has grouped queries), head size 16, the byte
 # tokenizer's vocabulary; a sliding window of 8, logit softcapping, partial rotary and a few experts where the family
 # has them, so the traps of each family are exercised on 32-token prompts.
-_FAMILY = dict(num_hidden_layers=2, max_position_embeddings=256, tie_word_embeddings=False)
+_FAMILY = dict(num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False)
 _GQA = dict(num_key_value_heads=2, head_dim=16)
 _WINDOW = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
 _EXPERTS = dict(num_local_experts=4, num_experts_per_tok=2)

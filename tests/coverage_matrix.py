@@ -1,5 +1,6 @@
 """The coverage matrix: results of tests/test_coverage_matrix.py (tests/coverage_matrix.json, model type ->
-capability -> "yes", "refused: <sentence>" or "not yet: <reason>") and their table in the README, between markers.
+capability -> "yes", "refused: <sentence>" (the method does not apply), "no signal: <sentence>" (it ran and a
+random model gave it nothing to measure) or "not yet: <reason>") and their table in the README, between markers.
 
     python tests/coverage_matrix.py        # (make matrix) rewrite the README's table from the last results
 """

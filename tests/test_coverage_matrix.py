@@ -206,7 +206,8 @@ def test_every_probe_runs_or_is_refused_in_one_sentence(family, probe_name, tmp_
     except (UnsupportedModelError, NoSignalError) as error:
         sentence = str(error)
         assert sentence.count(". ") == 0 and "\n" not in sentence, sentence  # one sentence
-        record(model_type, probe_name, f"refused: {sentence.replace(model.name, 'the model')}")
+        outcome = "refused" if isinstance(error, UnsupportedModelError) else "no signal"  # runs, finds nothing here
+        record(model_type, probe_name, f"{outcome}: {sentence.replace(model.name, 'the model')}")
         return
     assert table.to_frame()[["layer", "head"]].drop_duplicates().shape[0] == model.n_layers * model.n_heads
     record(model_type, probe_name)
