@@ -1,5 +1,6 @@
 """Small random models for tests: real architectures (Llama, Gemma3, BERT, GPT-2, LLaVA), seeded weights, a byte
-tokenizer (LLaVA: the shapes world's words, `datasets/shapes_vocabulary.json`, so vision tests can caption with it)."""
+tokenizer (LLaVA: the shapes world's words, `datasets/shapes_vocabulary.json`, so vision tests can caption with it);
+and one of every supported model type from its transformers config class (`tiny_family`, the coverage matrix)."""
 
 from __future__ import annotations
 

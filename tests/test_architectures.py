@@ -1,5 +1,8 @@
-"""Architecture adapters and the hook vocabulary: every .hf site equals its .bridge twin on every family, an unknown
-family is refused at load, GPT-2 (fused q/k/v) runs every path, and a user's own hooks survive every probe."""
+"""Architecture adapters and the hook vocabulary: every .hf site equals its .bridge twin on every supported model type
+(and a wrong fused layout or norm layout breaks that), pre-RoPE q/k are what the attention function rotates (partial
+rotary included), a family headlab cannot read is refused at load with its reason and an unknown one naming the
+supported types, a parallel family has no resid_mid, GPT-2 (fused q/k/v) runs every path, and a user's own hooks
+survive every probe."""
 
 import pytest
 import torch

@@ -119,6 +119,24 @@ def check_logits(model, tokens):
         bridge = model.bridge(tokens)
     torch.testing.assert_close(bridge, eager, atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(seam, eager, atol=LOGITS_ATOL, rtol=0)
+    assert bridge_copies(model) == COPIED.get(model.config.model_type, set())
+
+
+# The bridge shares every parameter's storage with .hf (views of a fused projection included: GPT-2, Phi-3) except
+# GPT-NeoX's q/k/v, which TransformerLens splits out of the per-head interleaved query_key_value into copies.
+COPIED = {"gpt_neox": {"attention.q", "attention.k", "attention.v"}}
+
+
+def bridge_copies(model) -> set[str]:
+    """The bridge's modules (by their path inside a layer) whose parameters are not .hf's own."""
+    shared = {p.untyped_storage().data_ptr() for p in model.hf.parameters()}
+    out = set()
+    for name, parameter in model.bridge.named_parameters():
+        if parameter.untyped_storage().data_ptr() not in shared:
+            parts = [part for part in name.split(".") if part != "_original_component"]
+            layer = next(i for i, part in enumerate(parts) if part.isdigit())
+            out.add(".".join(parts[layer + 1:-1]))
+    return out
 
 
 @pytest.mark.parametrize("family", families("logits"), indirect=True)
