@@ -171,7 +171,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "olmoe": {**_GQA, "num_experts": 4, "num_experts_per_tok": 2},
     "gemma": _GQA,
     "gemma2": {**_GQA, **_WINDOW, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
-               "query_pre_attn_scalar": 16},
+               "query_pre_attn_scalar": 16, "initializer_range": 0.2},  # scores of a few units: the cap bends them
     "gemma3_text": {**_GQA, **_WINDOW, "query_pre_attn_scalar": 16},
     "phi3": {**_GQA, "sliding_window": 8, "partial_rotary_factor": 0.5},
     "phi": {"partial_rotary_factor": 0.5},

@@ -195,6 +195,24 @@ def test_kernel_statistics_equal_the_eager_probabilities(family):
         record(model_type, "stats")
 
 
+@pytest.mark.parametrize("model_type, dropped", [("gemma2", "softcap"), ("mistral", "window")])
+def test_a_problem_without_the_familys_softcap_or_window_fails_both_bounds(model_type, dropped, monkeypatch):
+    """The bounds catch a family trap: the kernel given the call without Gemma 2's logit cap or Mistral's window."""
+    import dataclasses
+
+    from headlab.attention import Call
+
+    model = in_memory(model_type, *tiny_family(model_type))
+    tokens = model.to_tokens("the quick brown fox jumps over the lazy dog, twice")
+    problem = Call.problem
+    monkeypatch.setattr(Call, "problem", lambda call, **options: problem(
+        dataclasses.replace(call, **{dropped: None}), **options))
+    with pytest.raises(AssertionError):
+        check_stats(model, tokens)
+    with pytest.raises(AssertionError):
+        check_logits(model, tokens)
+
+
 @pytest.mark.parametrize("family", families(), indirect=True)
 def test_ablation_and_scaling_restore_the_model_bit_for_bit(family):
     model_type, model, _, tokens = family
