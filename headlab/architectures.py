@@ -264,6 +264,12 @@ class StableLM(Architecture):
     family = "StableLM"
     model_types = ("stablelm",)  # parallel attention + MLP where the config's use_parallel_residual says so
 
+    def __init__(self, hf: nn.Module, multimodal: bool = False):
+        super().__init__(hf, multimodal)
+        if getattr(self.config, "qk_layernorm", False):
+            raise UnsupportedModelError("headlab does not support StableLM with per-head q/k layer norms "
+                                        "(qk_layernorm) yet: its q and k before RoPE would be read before those norms")
+
 
 class GptOss(Architecture):
     """Learned per-head sink logits join each softmax's normaliser; sliding and full layers alternate."""

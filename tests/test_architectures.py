@@ -83,6 +83,15 @@ def test_a_family_headlab_cannot_read_is_refused_at_load_with_its_reason(tmp_pat
         headlab.load_model(str(tmp_path))
 
 
+def test_stablelm_with_q_k_norms_is_refused():
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    config = StableLmConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, qk_layernorm=True)
+    with pytest.raises(UnsupportedModelError, match="qk_layernorm"):
+        HeadModel("stablelm", StableLmForCausalLM(config), byte_tokenizer())
+
+
 def test_an_unknown_family_is_refused_naming_the_supported_ones():
     from transformers import BloomConfig, BloomForCausalLM
 
