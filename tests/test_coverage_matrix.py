@@ -155,7 +155,8 @@ SPANS = {"first": (0, 1), "middle": (4, 12)}
 def check_stats(model, tokens):
     """The kernel's statistics of every layer against the family's eager probabilities p (fp64): p = exp(logit - lse)
     on the visible keys (the logits from the q and k the attention function received, scaled and capped as the
-    kernel's problem says), and entropy, top-1, span mass and column sums of p."""
+    kernel's problem says), and entropy (a learned sink's weight, 1 - sum p, counted as one more outcome), top-1,
+    span mass and column sums of p."""
     _, probs = eager_logits_and_probs(model, tokens)
     seen = {}
 
@@ -174,7 +175,8 @@ def check_stats(model, tokens):
         raw = q.double() @ headlab.kernels.expand_kv(k, q.shape[1]).double().transpose(-1, -2)
         from_lse = torch.exp(problem.logits(raw) - stats.lse.double()[..., None]) * (p > 0)
         torch.testing.assert_close(from_lse, p, atol=STATS_ATOL, rtol=0)
-        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        sink = (1 - p.sum(-1)).clamp_min(0)  # a learned sink's weight (gpt-oss); ~1e-7 of rounding elsewhere
+        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1) - sink * sink.clamp_min(1e-300).log()
         torch.testing.assert_close(stats.entropy.double(), entropy, atol=STATS_ATOL, rtol=0)
         torch.testing.assert_close(stats.top1_prob.double(), p.max(-1).values, atol=STATS_ATOL, rtol=0)
         top2 = p.topk(2, dim=-1).values
