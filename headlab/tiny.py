@@ -1,5 +1,6 @@
 """Small random models for tests: real architectures (Llama, Gemma3, BERT, GPT-2, LLaVA), seeded weights, a byte
-tokenizer (LLaVA: the shapes world's words, `datasets/shapes_vocabulary.json`, so vision tests can caption with it)."""
+tokenizer (LLaVA: the shapes world's words, `datasets/shapes_vocabulary.json`, so vision tests can caption with it);
+and one of every supported model type from its transformers config class (`tiny_family`, the coverage matrix)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,55 @@ def tiny_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = TINY_BUILDERS[name](len(tokenizer))
     return model.eval(), tokenizer
+
+
+# ---- one tiny model per supported model type (the coverage matrix) --------------------------------------------------
+# Two layers, width 64, 4 query heads (2 KV heads where the family has grouped queries), head size 16, the byte
+# tokenizer's vocabulary; a sliding window of 8, logit softcapping, partial rotary and a few experts where the family
+# has them, so the traps of each family are exercised on 32-token prompts.
+_FAMILY = dict(num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False)
+_GQA = dict(num_key_value_heads=2, head_dim=16)
+_WINDOW = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+_EXPERTS = dict(num_local_experts=4, num_experts_per_tok=2)
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": _GQA,
+    "mistral": {**_GQA, "sliding_window": 8},
+    "mixtral": {**_GQA, **_EXPERTS, "sliding_window": 8},
+    "starcoder2": {**_GQA, "sliding_window": 8},
+    "qwen2": {**_GQA, **_WINDOW, "use_sliding_window": True, "max_window_layers": 1},
+    "qwen2_moe": {**_GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "qwen3": {**_GQA},
+    "qwen3_moe": {**_GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "granite": {**_GQA, "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.0},
+    "smollm3": {**_GQA, "no_rope_layers": [1, 0]},
+    "olmo": {},
+    "olmo2": _GQA,
+    "olmoe": {**_GQA, "num_experts": 4, "num_experts_per_tok": 2},
+    "gemma": _GQA,
+    "gemma2": {**_GQA, **_WINDOW, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
+               "query_pre_attn_scalar": 16, "initializer_range": 0.2},  # scores of a few units: the cap bends them
+    "gemma3_text": {**_GQA, **_WINDOW, "query_pre_attn_scalar": 16},
+    "phi3": {**_GQA, "sliding_window": 8, "partial_rotary_factor": 0.5},
+    "phi": {"partial_rotary_factor": 0.5},
+    "stablelm": {**_GQA, "partial_rotary_factor": 0.25},
+    "gpt_oss": {**_GQA, **_WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_neox": {"rotary_pct": 0.25, "use_parallel_residual": True},
+    "gptj": {"rotary_dim": 8},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "gpt2": {},
+    "bert": {},
+}
+
+
+def tiny_family(model_type: str, seed: int = 0):
+    """(hf_model, byte tokenizer) of `model_type` built from its transformers config class, seeded, no download."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    tokenizer = byte_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                  **{**_FAMILY, **FAMILY_CONFIGS[model_type]})
+    torch.manual_seed(seed)
+    auto = AutoModelForMaskedLM if model_type == "bert" else AutoModelForCausalLM
+    return auto.from_config(config).eval(), tokenizer

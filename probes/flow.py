@@ -26,7 +26,7 @@ from jaxtyping import Float
 
 from headlab import hooks
 from headlab.data import haystack_sentences
-from headlab.errors import InputError
+from headlab.errors import InputError, UnsupportedModelError
 from headlab.probe import Probe, Unit, iter_partials
 from headlab.scores import HeadScores
 from headlab.uncertainty import intervals, method
@@ -333,6 +333,12 @@ class Flow(Probe):
     def validity(self, meta):
         return {"rests_on": f"{meta['n_texts']} texts", "baseline": "0: no correlation with the model's attention flow",
                 "warning": None}
+
+    def check(self, model, params) -> None:
+        super().check(model, params)
+        if model.architecture.learned_sinks:
+            raise UnsupportedModelError(f"attention flow needs attention rows that sum to 1, and {model.name}'s learned "
+                                        "sinks take part of every row's mass")
 
     def check_params(self, params):
         if params.fuse not in FUSIONS or not 0 <= params.residual <= 1:

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 
 from headlab.capture import AttentionEdit, editing
 from headlab.errors import InputError, UnsupportedModelError
-from headlab.hooks import attach
+from headlab.hooks import attach, per_head
 from headlab.hooks import name as hook_name
 from headlab.probe import Probe, Role, Unit, iter_partials
 from headlab.progress import progress_bar
@@ -148,13 +148,13 @@ def _batch_scores(model, batch: list[MCQAPrompt], letter_ids: list[int]) -> dict
             return attn_out
         return apply
 
-    def record_pre(layer, which):
+    def record_pre(layer, which, site):
         def keep(activation, point):  # the vectors RoPE rotates, kept as [b, n, heads, d]
-            pre[layer][which] = activation.transpose(1, 2) if point.name.endswith("_normed") else activation
+            pre[layer][which] = per_head(model, site, activation)
         return keep
 
     sites = ("q_normed", "k_normed") if model.architecture.has_qk_norm else ("q", "k")
-    hooks = [(hook_name(site, layer), record_pre(layer, which)) for layer in range(model.n_layers)
+    hooks = [(hook_name(site, layer), record_pre(layer, which, site)) for layer in range(model.n_layers)
              for site, which in zip(sites, "qk")]
     with ExitStack() as stack:
         stack.enter_context(attach(model, hooks, tree="hf"))

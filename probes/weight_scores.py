@@ -47,12 +47,12 @@ def positive_share(eigenvalues: Complex[torch.Tensor, "... n"]) -> Float[torch.T
     return torch.where(total > 0, positive / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-def linear_map(module, width: int, part: slice | None = None) -> Float[torch.Tensor, "d_in d_out"]:
+def linear_map(module, width: int, columns=None) -> Float[torch.Tensor, "d_in d_out"]:
     """The matrix of a (possibly biased) linear module, read by applying it to the identity: module(I) - module(0)."""
     weight = next(module.parameters())
     eye = torch.eye(width, dtype=weight.dtype, device=weight.device)
     out = module(eye) - module(torch.zeros_like(eye[:1]))
-    return (out if part is None else out[:, part]).double().cpu()
+    return (out if columns is None else out[:, columns]).double().cpu()
 
 
 def norm_scale(module, width: int) -> Float[torch.Tensor, "d"]:
@@ -96,7 +96,7 @@ def ov_matrices(model, layer: int, gram: Float[torch.Tensor, "d d"]) -> Float[to
     """Each head's W_O Gamma_post Gamma_final U^T N Gamma_in W_V (the small twin of the full OV circuit)."""
     arch, d, dh = model.architecture, model.architecture.config.hidden_size, model.d_head
     v_proj = arch.v(layer)
-    w_v = linear_map(v_proj.module, d, v_proj.part)  # [d, kv * dh]
+    w_v = linear_map(v_proj.module, d, v_proj.columns)  # [d, kv * dh]
     w_o = linear_map(arch.o(layer), model.n_heads * dh)  # [heads * dh, d]
     scale_out = norm_scale(final_norm(model), d)
     if arch.post_attention_norm(layer) is not None:
@@ -148,8 +148,11 @@ def mean_qk(model, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torc
     for projection, normed, heads in ((arch.q(layer), arch.q_normed(layer), model.n_heads),
                                       (arch.k(layer), arch.k_normed(layer), model.n_kv_heads)):
         y = projection.module(x)
-        y = (y if projection.part is None else y[:, projection.part]).reshape(len(tokens), heads, model.d_head)
-        if normed is not None:
+        y = y if projection.columns is None else y[:, projection.columns]
+        if normed is not None and normed.layout == "whole":  # one norm over every head's columns
+            y = normed.module(y)
+        y = y.reshape(len(tokens), heads, model.d_head)
+        if normed is not None and normed.layout != "whole":
             y = normed.module(y)
         out.append(y.double().mean(0).cpu())
     q, k = out

@@ -1,14 +1,17 @@
-"""Architecture adapters and the hook vocabulary: every .hf site equals its .bridge twin on every family, an unknown
-family is refused at load, GPT-2 (fused q/k/v) runs every path, and a user's own hooks survive every probe."""
+"""Architecture adapters and the hook vocabulary: every .hf site equals its .bridge twin on every supported model type
+(and a wrong fused layout or norm layout breaks that), pre-RoPE q/k are what the attention function rotates (partial
+rotary included), a family headlab cannot read is refused at load with its reason and an unknown one naming the
+supported types, a parallel family has no resid_mid, GPT-2 (fused q/k/v) runs every path, and a user's own hooks
+survive every probe."""
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import headlab
 from headlab import UnsupportedModelError, hooks
+from headlab.capture import AttentionEdit, editing
 from headlab.model import HeadModel
-from headlab.tiny import byte_tokenizer
+from headlab.tiny import FAMILY_CONFIGS, byte_tokenizer, tiny_family
 
 FAMILIES = ["tiny-llama", "tiny-gemma3", "tiny-bert", "tiny-gpt2"]
 
@@ -64,16 +67,117 @@ def test_capture_and_interventions_on_gpt2():
     assert torch.equal(model.logits(tokens), model.logits(tokens))
 
 
-def test_an_unknown_family_is_refused_at_load(tmp_path):
-    config = GPTNeoXConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=64)
-    neox = GPTNeoXForCausalLM(config)
-    with pytest.raises(UnsupportedModelError, match="gpt_neox.*Llama.*Gemma3.*BERT.*GPT-2"):
-        HeadModel("neox", neox, byte_tokenizer())
-    neox.save_pretrained(tmp_path)
+def test_a_family_headlab_cannot_read_is_refused_at_load_with_its_reason(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("deepseek_v3", vocab_size=260, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, intermediate_size=64, moe_intermediate_size=16,
+                                  n_routed_experts=2, num_experts_per_tok=1, q_lora_rank=16, kv_lora_rank=16,
+                                  max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    deepseek = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="deepseek_v3.*multi-head latent attention"):
+        HeadModel("deepseek", deepseek, byte_tokenizer())
+    deepseek.save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="gpt_neox"):
+    with pytest.raises(UnsupportedModelError, match="deepseek_v3"):
         headlab.load_model(str(tmp_path))
+
+
+def test_stablelm_with_q_k_norms_is_refused():
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    config = StableLmConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, qk_layernorm=True)
+    with pytest.raises(UnsupportedModelError, match="qk_layernorm"):
+        HeadModel("stablelm", StableLmForCausalLM(config), byte_tokenizer())
+
+
+def test_an_unknown_family_is_refused_naming_the_supported_ones():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=260, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(UnsupportedModelError, match="'bloom' yet; it supports bert, gemma, .*gpt_neox, .*gpt_oss"):
+        HeadModel("bloom", bloom, byte_tokenizer())
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_every_family_shows_the_bridge_the_same_q_k_v_and_z(model_type):
+    """Every .hf site equals its .bridge twin on every family: fused layouts (GPT-2's Conv1D, GPT-NeoX per head,
+    Phi-3 with KV widths) cut the right columns and q/k norms show the tensor the bridge shows."""
+    model = HeadModel(f"tiny-{model_type}", *tiny_family(model_type))
+    assert sites_differ(model) == []
+
+
+def sites_differ(model) -> list[str]:
+    tokens = model.to_tokens("the same tensor on both trees")
+    sites = [s for s in hooks.HF_SITES if not s.endswith("_normed") or model.architecture.has_qk_norm]
+    points = [hooks.name(site, layer) for site in sites for layer in range(model.n_layers)]
+    on_hf = hooks.hf_activations(model, tokens, points)
+    _, on_bridge = hooks.run_with_cache(model, tokens, points)
+    return [p for p in points if on_hf[p].shape != on_bridge[p].shape
+            or not torch.allclose(on_hf[p], on_bridge[p], atol=1e-5, rtol=0)]  # fp32, two layers
+
+
+@pytest.mark.parametrize("model_type, wrong", [("phi3", "thirds"), ("gpt_neox", "concat"), ("qwen3", "heads_first")])
+def test_a_wrong_layout_shows_other_tensors(model_type, wrong, monkeypatch):
+    """The layouts matter: Phi-3 cut in three equal thirds (wrong under grouped queries), GPT-NeoX read as q | k | v,
+    Qwen3's norm output read as heads first: each breaks the equality with the bridge."""
+    model = HeadModel(f"tiny-{model_type}", *tiny_family(model_type))
+    arch = type(model.architecture)
+    if wrong == "thirds":
+        width = model.config.hidden_size
+        monkeypatch.setattr(arch, "_fused_columns", lambda self, index, fused: slice(index * width, (index + 1) * width))
+    elif wrong == "concat":
+        monkeypatch.setattr(arch, "fused_layout", "concat")
+    else:
+        monkeypatch.setattr(arch, "qk_norm", "heads_first")
+    assert sites_differ(model) != []
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "phi", "stablelm", "opt", "gpt2", "qwen3", "olmo2"])
+def test_pre_rope_q_and_k_are_what_the_attention_function_rotates(model_type):
+    """The q and k the hooks show before RoPE (after the q/k norm where the family has one) are the attention
+    function's q and k at position 0 (no rotation there) and, past the rotary dimensions of a partial rotary, at
+    every position; the qk probe's pre and post products rest on this. OPT scales q before the attention call."""
+    model = HeadModel(f"tiny-{model_type}", *tiny_family(model_type))
+    tokens = model.to_tokens("rotary on part of each head")
+    sites = ("q_normed", "k_normed") if model.architecture.has_qk_norm else ("q", "k")
+    pre = {site: hooks.per_head(model, site, a) for site, a in
+           zip(sites, hooks.hf_activations(model, tokens, [hooks.name(s, 0) for s in sites]).values())}
+    seen = {}
+
+    def keep(q, k, v, out, stats, problem):
+        seen.update(q=q.transpose(1, 2), k=k.transpose(1, 2))  # [b, n, h, d]
+        return out
+
+    with editing(model, {0: AttentionEdit(keep)}), torch.no_grad():
+        model.hf.base_model(input_ids=tokens, use_cache=False)
+    rotary = _rotary_dims(model)
+    for site, post in zip(sites, (seen["q"], seen["k"])):
+        before = pre[site]
+        factor = (post[:, 0] / before[:, 0]).flatten().median()  # 1, or OPT's q scaling
+        torch.testing.assert_close(post[:, 0], factor * before[:, 0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(post[..., rotary:], factor * before[..., rotary:], atol=1e-6, rtol=1e-5)
+        if rotary:  # RoPE did rotate the rest
+            assert not torch.allclose(post[:, 1:, :, :rotary], factor * before[:, 1:, :, :rotary])
+
+
+def _rotary_dims(model) -> int:
+    config, d = model.config, model.d_head
+    if getattr(config, "rotary_dim", None):
+        return config.rotary_dim
+    fraction = getattr(config, "rotary_pct", None) or getattr(config, "partial_rotary_factor", None) \
+        or (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    return int(d * fraction) if fraction else (0 if model.architecture.family in ("OPT", "GPT-2") else d)
+
+
+def test_a_parallel_family_has_no_resid_mid():
+    from headlab.probes import patching
+
+    model = HeadModel("tiny-gpt_neox", *tiny_family("gpt_neox"))
+    with pytest.raises(UnsupportedModelError, match="no resid_mid: GPT-NeoX runs attention and the MLP in parallel"):
+        patching.activation_patch(model, model.to_tokens("ab cd"), model.to_tokens("ab ce"), "resid_mid",
+                                  answer=torch.tensor([5]), wrong=torch.tensor([6]), progress=False)
 
 
 def test_a_users_hooks_survive_every_probe():

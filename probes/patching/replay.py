@@ -52,7 +52,13 @@ class BlockReplay:
 
     def _recorder(self, layer: int):
         def record(module, args, kwargs):
-            kwargs = {**kwargs, "cache": self.prefix}
+            from transformers.cache_utils import Cache
+
+            # the family's KV cache, under whatever name or position its block takes it, becomes the prefix cache
+            args = tuple(self.prefix if isinstance(a, Cache) else a for a in args)
+            kwargs = {k: self.prefix if isinstance(v, Cache) else v for k, v in kwargs.items()}
+            if not any(value is self.prefix for value in (*args, *kwargs.values())):
+                kwargs["cache"] = self.prefix
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             self.calls[layer] = (args[1:], kwargs)
@@ -73,7 +79,7 @@ class BlockReplay:
             with attach(self.model, hooks, tree="bridge"):
                 for i in range(layer, self.model.n_layers):
                     args, kwargs = self.calls[i]
-                    kwargs = _from_position({**kwargs, "cache": self.prefix}, start)
+                    kwargs = _from_position(kwargs, start)
                     out = self.bridge.blocks[i](x, *_repeat(args, n, copies), **_repeat(kwargs, n, copies))
                     x = out[0] if isinstance(out, tuple) else out
                 logits = self.bridge.unembed(self.bridge.ln_final(x[:, -1:] if last_only else x))
