@@ -386,11 +386,12 @@ def scan_model(model, out: str | Path, *, probes: str | list[str] | None = None,
     if not by_name:
         placed = sorted(key for key in ("device", "dtype", "device_map") if settings.get(key) is not None)
         if placed or settings.get("engine", "local") != "local":
-            raise InputError(f"{', '.join(placed) or 'engine'} applies to a model loaded by name, which Ray workers "
-                             "load again; a model in memory is scanned here, where and as it is")
+            raise InputError(f"{', '.join(placed) or 'engine'} applies only to a model loaded by name; a model in "
+                             "memory is scanned here, by the local engine, where and as it is (Ray workers load models "
+                             "by name)")
         model = model if isinstance(model, HeadModel) else load_model(model)
     request = scan_request(str(model) if by_name else model.name, probes, params=params, quick=quick, **settings)
-    request["command"] = f"headlab.scan_model({request['model']!r}, {str(out)!r}, ...)"
+    request["command"] = f"headlab.scan({request['model']!r}, {str(out)!r}, ...)"
     out = Path(out)
     check_writable(out)
     previous = check_existing(out, request, overwrite)

@@ -246,10 +246,10 @@ def _folder_tokenizer(config):
     """The tokenizer saved in the local folder the model was loaded from, or None."""
     from transformers import AutoTokenizer
 
-    folder = Path(getattr(config, "_name_or_path", "") or "/nonexistent")
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    return AutoTokenizer.from_pretrained(folder)
+    folder = getattr(config, "_name_or_path", "")
+    if folder and any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(folder)
+    return None
 
 
 def _is_bridge(model) -> bool:

@@ -132,7 +132,7 @@ def test_scan_from_python_writes_what_the_command_writes(folder, tmp_path):
                            probes=["detectors", "sinks"], quick=True)
     assert list(results) == ["detectors", "sinks"]
     assert (tmp_path / "python" / "heads.csv").read_bytes() == (tmp_path / "cli" / "heads.csv").read_bytes()
-    with pytest.raises(InputError, match="applies to a model loaded by name"):
+    with pytest.raises(InputError, match="applies only to a model loaded by name"):
         headlab.scan(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "ray", engine="ray")
 
 
