@@ -34,10 +34,15 @@ def reference(folder):
 
 
 def same_answers(model, reference):
-    """Logits, kernel statistics and a probe's table equal the reference's bit for bit (the same weights and the same
-    attention implementation on the same device: no tolerance)."""
+    """Logits, kernel statistics, the hook path's attention patterns and a probe's table equal the reference's bit for
+    bit (the same weights and the same attention implementations on the same device: no tolerance)."""
     tokens = reference.to_tokens(TEXT)
     assert torch.equal(model.logits(tokens), reference.logits(tokens))
+    patterns = (m.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))[1]
+                for m in (model, reference))
+    cache, expected = patterns
+    assert len(expected.keys()) == reference.n_layers
+    assert all(torch.equal(cache[name], expected[name]) for name in expected.keys())
     stats, expected = (m.attention_stats(tokens, want=("lse", "top1", "colsum")) for m in (model, reference))
     for layer in expected:
         assert torch.equal(stats[layer].lse, expected[layer].lse)
@@ -85,9 +90,6 @@ def test_a_transformer_lens_bridge(folder, reference):
     assert model.hf.config._attn_implementation == "sdpa"  # .hf is unwrapped: transformers' own modules
     assert not any(type(m).__module__.startswith("transformer_lens") for m in model.hf.modules())
     same_answers(model, reference)
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    _, expected = reference.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    assert all(torch.equal(cache[name], expected[name]) for name in expected.keys())
     with torch.no_grad():
         assert torch.equal(bridge(tokens), before)  # the user's bridge still answers as it did
     assert torch.equal(headlab.HeadModel("direct", bridge).logits(tokens), reference.logits(tokens))
