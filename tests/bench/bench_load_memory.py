@@ -7,7 +7,8 @@ folder) is loaded three ways, each in a fresh interpreter: plain `AutoModelForCa
 dtype=bfloat16)`, `headlab.load_model(folder, dtype=bfloat16)` (which also loads the tokenizer), and headlab with
 every other decoder layer mapped to "disk" (half of the layers). Reported for each: the peak RSS above the
 interpreter's baseline (its RSS after importing torch, transformers and headlab; the peak is reset there), in GiB
-and as a ratio to the bf16 weight bytes; beside it the same peak above the RSS after `import torch` alone. Targets: headlab at most 1.0x; with half of the layers on disk, below 0.5x.
+and as a ratio to the bf16 weight bytes; beside it the same peak above the RSS after `import torch` alone.
+Targets: headlab at most 1.0x; with half of the layers on disk, below 0.5x.
 """
 
 from __future__ import annotations
