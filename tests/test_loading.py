@@ -104,6 +104,18 @@ def test_a_folder_loads_straight_into_the_dtype_with_the_numbers_of_a_conversion
     assert all(torch.equal(loaded[k], converted[k]) for k in loaded)
 
 
+def test_a_folder_is_read_in_the_dtype_not_converted_after(folder, monkeypatch):
+    """No model is built in fp32 and then converted: `Module.to` is never called on the way (a model built in memory,
+    a tiny one, is converted after, which the spy sees)."""
+    calls = []
+    to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: calls.append(args) or to(self, *args,
+                                                                                                      **kwargs))
+    assert headlab.load_model(folder, dtype="bfloat16").dtype == torch.bfloat16 and calls == []
+    headlab.load_model("tiny-llama", dtype="bfloat16")
+    assert calls == [(torch.bfloat16,)]
+
+
 def test_auto_picks_cuda_then_mps_then_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
