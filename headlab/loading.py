@@ -120,7 +120,7 @@ def _load_spec(spec: ModelSpec, placement: Placement):
 
     source_sha = spec.source_sha256()
     entry = cached_dir(spec, source_sha)
-    cached = (entry / "headlab.json").exists()
+    cached, source = (entry / "headlab.json").exists(), entry
     if cached:
         verify_cached(entry)
     else:
@@ -134,7 +134,7 @@ def _load_spec(spec: ModelSpec, placement: Placement):
                                                  "source_sha256": source_sha})
         del hf  # the fp32 copy goes before the cached weights are read in the asked dtype
     hf = placement.pretrained(AutoModelForCausalLM, entry)
-    return hf, AutoTokenizer.from_pretrained(entry), str(entry if cached else spec.locate_source(spec)), cached
+    return hf, AutoTokenizer.from_pretrained(entry), str(source), cached
 
 
 class _quiet_transformers:

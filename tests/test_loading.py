@@ -161,3 +161,15 @@ def test_smollm2_in_memory_gives_the_registry_scan(tmp_path):
     headlab.scan(headlab.load_model(mine, tokenizer=AutoTokenizer.from_pretrained(folder)), tmp_path / "mine",
                  probes="detectors,sinks", quick=True)
     assert (tmp_path / "mine" / "heads.csv").read_bytes() == (tmp_path / "registry" / "heads.csv").read_bytes()
+
+
+@pytest.mark.real
+def test_a_first_load_dequantizes_once_then_reads_the_cache_in_the_dtype(tmp_path, monkeypatch, smollm2):
+    """With an empty cache the GGUF is dequantized, cached, and read back in the asked dtype: the weights of the fp32
+    model converted, bit for bit; the next load reads the cache."""
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path))
+    first = headlab.load_model("smollm2-135m", dtype="bfloat16")
+    assert not first.load_info.cached and first.dtype == torch.bfloat16
+    converted = {k: v.to(torch.bfloat16) for k, v in smollm2.hf.state_dict().items()}
+    assert all(torch.equal(v, converted[k]) for k, v in first.hf.state_dict().items())
+    assert headlab.load_model("smollm2-135m").load_info.cached
