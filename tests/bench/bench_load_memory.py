@@ -3,11 +3,13 @@
     python tests/bench/bench_load_memory.py --out bench_load_memory.json
 
 A bf16 safetensors copy of Gemma3 (the cached `gemma3-270m`, saved with save_pretrained in bfloat16 to a temporary
-folder) is loaded three ways, each in a fresh interpreter: plain `AutoModelForCausalLM.from_pretrained(folder,
-dtype=bfloat16)`, `headlab.load_model(folder, dtype=bfloat16)` (which also loads the tokenizer), and headlab with
-every other decoder layer mapped to "disk" (half of the layers). Reported for each: the peak RSS above the
-interpreter's baseline (its RSS after importing torch, transformers and headlab; the peak is reset there), in GiB
-and as a ratio to the bf16 weight bytes; beside it the same peak above the RSS after `import torch` alone.
+folder) is loaded four ways, each in a fresh interpreter: plain `AutoModelForCausalLM.from_pretrained(folder,
+dtype=bfloat16)`, the same plus `AutoTokenizer.from_pretrained(folder)` (headlab loads the tokenizer too),
+`headlab.load_model(folder, dtype=bfloat16)`, and headlab with every other decoder layer mapped to "disk" (half of
+the layers). Each then runs one forward pass on the same 32 token ids. Reported for each, as GiB and as a ratio to
+the bf16 weight bytes: the peak RSS of the load, and of the load and the forward pass, above the RSS after
+`import torch` (the issue's baseline: the imports of transformers and headlab count) and above the RSS after every
+import (the load alone). Safetensors weights are memory-mapped: they count once read, at the forward pass.
 Targets: headlab at most 1.0x; with half of the layers on disk, below 0.5x.
 """
 
@@ -32,31 +34,36 @@ def rss_kib(field: str) -> int:
 
 
 def measure(kind: str, folder: str, device_map: str | None) -> dict:
-    """Load the folder once, the `kind` way, in this (fresh) interpreter: its peak RSS above the baseline (and, for
-    comparison, above the RSS after `import torch` alone: what the other imports add is then counted too)."""
+    """Load the folder once, the `kind` way, in this (fresh) interpreter, then run one forward pass: the peak RSS of
+    each above the RSS after `import torch` and above the RSS after every import."""
     import torch
 
     after_torch = rss_kib("VmRSS")
     import transformers  # noqa: F401 - imported before the baseline, as headlab imports it
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import headlab
     import headlab.loading  # noqa: F401 - the loader and what it imports, before the baseline
 
     baseline = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    if kind == "plain":
+    if kind.startswith("plain"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-        dtype = next(model.parameters()).dtype
+        if kind == "plain+tokenizer":
+            AutoTokenizer.from_pretrained(folder)
+        forward, dtype = lambda ids: model(input_ids=ids).logits, next(model.parameters()).dtype
     else:
         offload = tempfile.mkdtemp(prefix="bench-load-offload-") if device_map else None
         model = headlab.load_model(folder, dtype=torch.bfloat16,
                                    **({"device_map": json.loads(device_map), "offload_dir": offload}
                                       if device_map else {}))
-        dtype = model.dtype
+        forward, dtype = model.logits, model.dtype
+    load_peak = rss_kib("VmHWM")
+    with torch.no_grad():
+        forward(torch.arange(2, 34)[None])
     peak = rss_kib("VmHWM")
-    return {"kind": kind, "baseline_kib": baseline, "peak_kib": peak, "extra_bytes": (peak - baseline) * 1024,
-            "extra_over_torch_bytes": (peak - after_torch) * 1024, "dtype": str(dtype)}
+    return {"kind": kind, "dtype": str(dtype), "after_torch_kib": after_torch, "baseline_kib": baseline,
+            "load_peak_kib": load_peak, "forward_peak_kib": peak}
 
 
 def bf16_copy(folder: Path) -> tuple[int, dict]:
@@ -104,28 +111,36 @@ def main() -> None:
 
     from headlab.scores import versions
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-load-gemma3-bf16-"))
-    weight_bytes, disk = bf16_copy(folder)
-    rows = []
-    for kind, device_map in (("plain", None), ("headlab", None), ("headlab, half of the layers on disk", disk["map"])):
-        runs = [child("plain" if kind == "plain" else "headlab", folder, device_map) for _ in range(args.repeats)]
-        extra = max(run["extra_bytes"] for run in runs)
-        over_torch = max(run["extra_over_torch_bytes"] for run in runs)
-        rows.append({"kind": kind, "extra_gib": extra / GIB, "ratio_to_bf16_weights": extra / weight_bytes,
-                     "runs_extra_bytes": [run["extra_bytes"] for run in runs], "dtype": runs[0]["dtype"],
-                     "extra_over_torch_gib": over_torch / GIB, "over_torch_ratio": over_torch / weight_bytes})
+    with tempfile.TemporaryDirectory(prefix="bench-load-gemma3-bf16-") as folder:
+        weight_bytes, disk = bf16_copy(Path(folder))
+        rows = []
+        for kind, device_map in (("plain", None), ("plain+tokenizer", None), ("headlab", None),
+                                 ("headlab, half of the layers on disk", disk["map"])):
+            runs = [child(kind if kind.startswith("plain") else "headlab", Path(folder), device_map)
+                    for _ in range(args.repeats)]
+            row = {"kind": kind, "dtype": runs[0]["dtype"], "runs": runs}
+            for peak in ("load_peak", "forward_peak"):
+                for base, label in (("after_torch", "over_torch"), ("baseline", "over_imports")):
+                    extra = max(run[f"{peak}_kib"] - run[f"{base}_kib"] for run in runs) * 1024
+                    row[f"{peak}_{label}_gib"] = extra / GIB
+                    row[f"{peak}_{label}_ratio"] = extra / weight_bytes
+            rows.append(row)
     result = {"model": "gemma3-270m, bf16 safetensors copy", "bf16_weight_bytes": weight_bytes,
               "bf16_weight_gib": weight_bytes / GIB, "disk_layer_bytes": disk["disk_bytes"],
               "rows": rows, "versions": versions(),
-              "note": "peak RSS above the interpreter's baseline, each load in a fresh interpreter; the max over repeats"}
+              "note": "peak RSS above the RSS after `import torch` / after every import, each way in a fresh "
+                      "interpreter; the max over repeats"}
     if args.out:
         from headlab.files import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(result, indent=1))
-    print(f"bf16 weights: {weight_bytes / GIB:.2f} GiB ({disk['disk_bytes'] / GIB:.2f} GiB in the layers put on disk)")
+    print(f"bf16 weights: {weight_bytes / GIB:.2f} GiB ({disk['disk_bytes'] / GIB:.2f} GiB in the layers put on disk); "
+          "peak RSS above `import torch` (above every import)")
     for row in rows:
-        print(f"{row['kind']:>38}: {row['extra_gib']:.2f} GiB = {row['ratio_to_bf16_weights']:.2f}x the bf16 weights "
-              f"(above `import torch` alone: {row['extra_over_torch_gib']:.2f} GiB = {row['over_torch_ratio']:.2f}x)")
+        print(f"{row['kind']:>38}: load {row['load_peak_over_torch_gib']:.2f} GiB = "
+              f"{row['load_peak_over_torch_ratio']:.2f}x ({row['load_peak_over_imports_ratio']:.2f}x); "
+              f"load + forward {row['forward_peak_over_torch_gib']:.2f} GiB = "
+              f"{row['forward_peak_over_torch_ratio']:.2f}x ({row['forward_peak_over_imports_ratio']:.2f}x)")
 
 
 if __name__ == "__main__":
