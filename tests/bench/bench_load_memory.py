@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def measure(kind: str, folder: str, device_map: str | None) -> dict:
 
     baseline = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    offload = None
     if kind.startswith("plain"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
         if kind == "plain+tokenizer":
@@ -62,6 +64,8 @@ def measure(kind: str, folder: str, device_map: str | None) -> dict:
     with torch.no_grad():
         forward(torch.arange(2, 34)[None])
     peak = rss_kib("VmHWM")
+    if offload:
+        shutil.rmtree(offload, ignore_errors=True)
     return {"kind": kind, "dtype": str(dtype), "after_torch_kib": after_torch, "baseline_kib": baseline,
             "load_peak_kib": load_peak, "forward_peak_kib": peak}
 
