@@ -8,7 +8,7 @@ dtype=bfloat16)`, the same plus `AutoTokenizer.from_pretrained(folder)` (headlab
 `headlab.load_model(folder, dtype=bfloat16)`, and headlab with every other decoder layer mapped to "disk" (half of
 the layers). Each then runs one forward pass on the same 32 token ids. Reported for each, as GiB and as a ratio to
 the bf16 weight bytes: the peak RSS of the load, and of the load and the forward pass, above the RSS after
-`import torch` (the issue's baseline: the imports of transformers and headlab count) and above the RSS after every
+`import torch` (the imports of transformers and headlab then count) and above the RSS after every
 import (the load alone). Safetensors weights are memory-mapped: they count once read, at the forward pass.
 Targets: headlab at most 1.0x; with half of the layers on disk, below 0.5x.
 """
