@@ -87,6 +87,7 @@ bench: install
 	$(PY) tests/bench/bench_patching.py --out bench_patching.json
 	$(PY) tests/bench/bench_ray.py --out bench_ray.json
 	$(PY) tests/bench/bench_kv.py --out bench_kv.json
+	$(PY) tests/bench/bench_load_memory.py --out bench_load_memory.json
 
 # The Triton kernel against SDPA flash and FlexAttention on a CUDA GPU; without one it says so and exits 0.
 bench-gpu: install

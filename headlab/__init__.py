@@ -38,19 +38,20 @@ __version__ = "0.1.0"
 _LAZY = {
     "Head": "headlab.heads", "head_name": "headlab.heads", "parse_head": "headlab.heads",
     "HeadModel": "headlab.model", "load_model": "headlab.loading", "models": "headlab.loading",
-    "HeadScores": "headlab.scores", "show_attention": "headlab.viewer",
+    "HeadScores": "headlab.scores", "show_attention": "headlab.viewer", "scan": "headlab.cli:scan_model",
 }
 
 __all__ = [
     "CacheCorruptError", "Head", "HeadIndexError", "HeadModel", "HeadScores", "HeadlabError", "HubUnreachableError",
     "InputError", "ModelPackageMissingError", "NoSignalError", "PackageMissingError", "UnknownModelError",
-    "UnsupportedModelError", "head_name", "load_model", "models", "parse_head", "show_attention",
+    "UnsupportedModelError", "head_name", "load_model", "models", "parse_head", "scan", "show_attention",
 ]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
+        module, _, attribute = _LAZY[name].partition(":")  # "module:attribute" where the names differ
+        value = getattr(import_module(module), attribute or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'headlab' has no attribute {name!r}")

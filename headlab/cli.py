@@ -124,8 +124,10 @@ def scan(
         _fail(f"{len(failed)} probe(s) failed ({', '.join(failed)}); the report marks them")
 
 
-def scan_request(model, probes, *, top: int = 10, set_items=(), config=None, **options) -> dict:
-    """Everything a scan needs, checked before any compute: model, probes, settings and each probe's Params."""
+def scan_request(model, probes, *, top: int = 10, set_items=(), config=None, params: dict | None = None,
+                 **options) -> dict:
+    """Everything a scan needs, checked before any compute: model, probes, settings and each probe's Params
+    (`params`: {probe: {parameter: value}}, over those of the config)."""
     from headlab.probes import get_probe
     from headlab.probes import probes as registry
     from headlab.settings import parse_setting
@@ -133,6 +135,8 @@ def scan_request(model, probes, *, top: int = 10, set_items=(), config=None, **o
     if top < 1:
         raise InputError(f"--top must be at least 1, got {top}")
     file = read_config(config) if config is not None else {}
+    if params:
+        file = {**file, "params": {**file.get("params", {}), **params}}
     settings = ScanSettings.from_values({**file.get("settings", {}), **{k: file[k] for k in SCAN_SETTINGS if k in file},
                                        **{k: v for k, v in options.items() if v is not None}})
     model = model or file.get("model")
@@ -292,12 +296,12 @@ def merge_scans(previous: tuple[dict, dict] | None, summary: dict, results: dict
     return summary, {name: merged[name] for name in summary["probes"]}
 
 
-def run_scan(request: dict, out: Path, previous: tuple[dict, dict] | None = None
+def run_scan(request: dict, out: Path, previous: tuple[dict, dict] | None = None, model=None
              ) -> tuple[dict[str, HeadScores], dict[str, str]]:
-    """Load the model, fit and check each probe's params, run every probe (journaled in a sibling folder, so a rerun
-    resumes at the unit), and write the scan folder (with `previous`, the scan the folder held, merged in: a probe
-    already there with other parameters is refused before any compute); a probe that fails does not stop the
-    others."""
+    """Load the model (unless `model`, a HeadModel, is given), fit and check each probe's params, run every probe
+    (journaled in a sibling folder, so a rerun resumes at the unit), and write the scan folder (with `previous`, the
+    scan the folder held, merged in: a probe already there with other parameters is refused before any compute); a
+    probe that fails does not stop the others."""
     from headlab.loading import load_model
     from headlab.probe import as_json
     from headlab.probes import get_probe
@@ -305,8 +309,9 @@ def run_scan(request: dict, out: Path, previous: tuple[dict, dict] | None = None
 
     settings = request["settings"]
     start = time.perf_counter()
-    model = load_model(request["model"], device=settings.device, dtype=settings.dtype,
-                       device_map=parse_device_map(settings.device_map))
+    if model is None:
+        model = load_model(request["model"], device=settings.device, dtype=settings.dtype,
+                           device_map=parse_device_map(settings.device_map))
     params, adapted = fitted_params(request, model)
     if previous is not None:
         for name in request["probes"]:
@@ -362,6 +367,36 @@ def run_scan(request: dict, out: Path, previous: tuple[dict, dict] | None = None
 
     shutil.rmtree(partial, ignore_errors=True)
     return results, failed
+
+
+def scan_model(model, out: str | Path, *, probes: str | list[str] | None = None, quick: bool = False,
+               overwrite: bool = False, params: dict | None = None, **settings) -> dict[str, HeadScores]:
+    """`headlab scan` from Python: run the probes on `model` and write the scan folder `out` (heads.csv, scan.json,
+    report.html) as the command does. `model`: a HeadModel, or anything `headlab.load_model` takes, a transformers
+    model or TransformerLens bridge in memory included. probes: names (default: all); params: {probe: {parameter:
+    value}}; settings: the command's other options (seed, max_context, threads, device, dtype, ...; device, dtype
+    and device_map only for a model loaded by name). Returns {probe: HeadScores}; a probe that failed is named in
+    scan.json's `failed`."""
+    from headlab.loading import load_model
+    from headlab.model import HeadModel
+
+    if isinstance(probes, (list, tuple)):
+        probes = ",".join(probes)
+    by_name = isinstance(model, (str, os.PathLike))
+    if not by_name:
+        placed = sorted(key for key in ("device", "dtype", "device_map") if settings.get(key) is not None)
+        if placed or settings.get("engine", "local") != "local":
+            raise InputError(f"{', '.join(placed) or 'engine'} applies only to a model loaded by name; a model in "
+                             "memory is scanned here, by the local engine, where and as it is (Ray workers load models "
+                             "by name)")
+        model = model if isinstance(model, HeadModel) else load_model(model)
+    request = scan_request(str(model) if by_name else model.name, probes, params=params, quick=quick, **settings)
+    request["command"] = f"headlab.scan({request['model']!r}, {str(out)!r}, ...)"
+    out = Path(out)
+    check_writable(out)
+    previous = check_existing(out, request, overwrite)
+    results, _ = run_scan(request, out, previous=previous, model=None if by_name else model)
+    return results
 
 
 def _report_resume(name: str, done: int, total: int, journal: Path) -> None:

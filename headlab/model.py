@@ -1,12 +1,13 @@
 """HeadModel: one set of weights, seen through Hugging Face (`.hf`) and TransformerLens (`.bridge`).
 
-Loading (registry names, local folders, GGUF files, hub ids) is in headlab.loading; what the model's family looks
-like inside is its `Architecture` (headlab.architectures); hook points are headlab.hooks.
+Loading (registry names, local folders, GGUF files, hub ids, models already in memory) is in headlab.loading; what
+the model's family looks like inside is its `Architecture` (headlab.architectures); hook points are headlab.hooks.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -24,16 +25,18 @@ class HeadModel:
     `.bridge` is a TransformerLens 4.x `TransformerBridge` over a second module tree that shares
     every parameter and buffer with `.hf` (hook path, eager N x N attention). No weight is held twice.
     `.architecture` names the family's modules; a family headlab does not know is refused here.
+    `hf` may also be a TransformerLens bridge: `.hf` is then its model, unwrapped, and `.bridge` the bridge itself.
+    name: what reports call the model (default: the config's name or path, else the model's class).
     """
 
-    def __init__(self, name: str, hf, tokenizer, *, hf_name: str | None = None, load_info=None):
+    def __init__(self, name: str | None, hf, tokenizer=None, *, hf_name: str | None = None, load_info=None):
+        hf, tokenizer, self._bridge = model_parts(hf, tokenizer)
         self.architecture = architecture_for(hf)
-        self.name = name
+        self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
         self.hf = hf.eval()
         self.tokenizer = tokenizer
-        self.hf_name = hf_name or name
+        self.hf_name = hf_name or self.name
         self.load_info = load_info
-        self._bridge = None
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -208,6 +211,77 @@ class HeadModel:
         from headlab.interventions import scale_heads
 
         return scale_heads(self, factors)
+
+
+def model_parts(model, tokenizer=None) -> tuple:
+    """(hf, tokenizer, bridge or None) of a transformers model or a TransformerLens TransformerBridge (its model
+    unwrapped, its tokenizer unless one is given); InputError, in one sentence, for anything else."""
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+    if isinstance(model, (PreTrainedTokenizerBase, ProcessorMixin)):
+        raise InputError(f"got a tokenizer ({type(model).__name__}) where the model goes; pass the model first and "
+                         "the tokenizer as tokenizer=")
+    bridge = None
+    if not isinstance(model, PreTrainedModel):
+        bridge = model if _is_bridge(model) else None
+        if bridge is None:
+            what = ("a torch module that is not a transformers model" if isinstance(model, torch.nn.Module) else
+                    f"a {type(model).__name__}")
+            raise InputError(f"headlab takes a registry name, a folder, a GGUF file, a hub id, a transformers "
+                             f"PreTrainedModel or a TransformerLens TransformerBridge; got {what} "
+                             f"({type(model).__module__}.{type(model).__qualname__})")
+        model = unbridged(bridge)
+        tokenizer = tokenizer if tokenizer is not None else bridge.tokenizer
+    if tokenizer is None:
+        tokenizer = _folder_tokenizer(model.config)
+    if tokenizer is None:
+        raise InputError(f"the {type(model).__name__} came without a tokenizer; pass its tokenizer as tokenizer= "
+                         "(transformers' AutoTokenizer.from_pretrained on the model's folder or hub id)")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InputError(f"tokenizer= takes a transformers tokenizer, got a {type(tokenizer).__name__}")
+    return model, tokenizer, bridge
+
+
+def _folder_tokenizer(config):
+    """The tokenizer saved in the local folder the model was loaded from, or None."""
+    from transformers import AutoTokenizer
+
+    folder = getattr(config, "_name_or_path", "")
+    if folder and any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(folder)
+    return None
+
+
+def _is_bridge(model) -> bool:
+    """Whether `model` is a TransformerLens TransformerBridge (TransformerLens is imported only to ask)."""
+    if not isinstance(model, torch.nn.Module) or not type(model).__module__.startswith("transformer_lens"):
+        return False
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return isinstance(model, TransformerBridge)
+
+
+def unbridged(bridge):
+    """The Hugging Face model under a TransformerBridge, as transformers built it: a copy of its module tree that
+    shares every parameter and buffer, with each bridge component replaced by the module it wraps (the bridge swaps
+    its components into the model it was given; that model keeps serving the bridge)."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    original = bridge.original_model
+    shared = {id(t): t for t in list(original.parameters()) + list(original.buffers())}
+    hf = copy.deepcopy(original, memo=shared)
+    stack = [hf]
+    while stack:
+        module = stack.pop()
+        for name, child in list(module._modules.items()):
+            while isinstance(child, GeneralizedComponent):
+                child = child.original_component
+            module._modules[name] = child
+            if child is not None:
+                stack.append(child)
+    if getattr(hf, "_supports_sdpa", False):  # the bridge forced eager attention on its tree; .hf takes the fast path
+        hf.set_attn_implementation("sdpa")
+    return hf
 
 
 def boot_bridge(hf, tokenizer, hf_name: str, hf_architecture: str):

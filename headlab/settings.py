@@ -135,8 +135,9 @@ class ScanSettings:
 
     seed: int = constrained(0, help="seed of every probe that draws at random")
     max_context: int = constrained(4096, at_least=1, help="longest prompt any probe may build, in tokens")
-    device: str = constrained("cpu", help="cpu, cuda or cuda:N")
-    dtype: Optional[str] = constrained(None, help="float32, float16 or bfloat16 (default: the checkpoint's, fp32 here)")
+    device: str = constrained("cpu", help="auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
+    dtype: Optional[str] = constrained(None, help="float32, float16 or bfloat16, read straight into it (default: "
+                                                  "float32)")
     device_map: Optional[str] = constrained(None, help="accelerate device map for models bigger than one device: "
                                                        "auto, or a JSON object {module: device}")
     quick: bool = constrained(False, help="each probe's quick profile: fewer, shorter prompts")

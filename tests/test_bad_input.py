@@ -1,5 +1,6 @@
 """Every bad input to `headlab scan` gets one sentence: exit code 1, one `error:` line on stderr, no traceback,
-nothing written. One row per case of the README's table."""
+nothing written. One row per case of the README's table. Objects only Python can pass (a model in memory) get one
+sentence too, as a HeadlabError subclass: API_ROWS."""
 
 import json
 import os
@@ -85,6 +86,7 @@ ROWS = [
     ("pickle-only-weights", ["scan", "{model}"], _pickle_only, "safetensors or GGUF only"),
     ("hub-offline", ["scan", "someone/some-model"], "offline", "hub"),
     ("cuda-without-cuda", ["scan", "tiny-llama", "--device", "cuda"], None, "CUDA is not available"),
+    ("mps-without-mps", ["scan", "tiny-llama", "--device", "mps"], None, "MPS (Apple's GPU) is not available"),
     ("unknown-device", ["scan", "tiny-llama", "--device", "gpu0"], None, "unknown device"),
     ("max-context-too-small", ["scan", "tiny-llama", "--probes", "detectors", "--max-context", "3"], None,
      "below what detectors need"),
@@ -109,6 +111,8 @@ ROWS = [
 def test_bad_input_gets_one_sentence(row, tmp_path, monkeypatch):
     if row[0] == "cuda-without-cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if row[0] == "mps-without-mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
     _, args, make, says = row
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -133,6 +137,56 @@ def test_bad_input_gets_one_sentence(row, tmp_path, monkeypatch):
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "cache" not in p.parts)
     assert after == [p for p in before if "cache" not in p.parts], "the command wrote something"
     assert not os.path.exists("/proc/headlab-scan")
+
+
+def _tiny_hf():
+    return headlab.load_model("tiny-llama").hf
+
+
+def _mamba():
+    """A model of a family without attention heads (a state-space model), built in memory."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4))
+
+
+def _tokenizer():
+    return headlab.load_model("tiny-llama").tokenizer
+
+
+# (id, the call, the error class, what its sentence says): load_model and headlab.scan given the wrong object
+API_ROWS = [
+    ("a-string-that-is-no-model", lambda tmp: headlab.load_model("x" * 400), headlab.UnknownModelError,
+     "unknown model"),
+    ("a-plain-torch-module", lambda tmp: headlab.load_model(torch.nn.Linear(2, 2)), headlab.InputError,
+     "a torch module that is not a transformers model"),
+    ("a-dict", lambda tmp: headlab.load_model({"model.embed_tokens.weight": torch.zeros(2, 2)}), headlab.InputError,
+     "got a dict"),
+    ("a-tokenizer-as-the-model", lambda tmp: headlab.load_model(_tokenizer()), headlab.InputError,
+     "where the model goes; pass the model first and the tokenizer as tokenizer="),
+    ("a-model-without-tokenizer", lambda tmp: headlab.load_model(_tiny_hf()), headlab.InputError,
+     "came without a tokenizer; pass its tokenizer as tokenizer="),
+    ("a-tokenizer-that-is-no-tokenizer", lambda tmp: headlab.load_model(_tiny_hf(), tokenizer="gpt2"),
+     headlab.InputError, "tokenizer= takes a transformers tokenizer, got a str"),
+    ("a-family-headlab-does-not-support", lambda tmp: headlab.load_model(_mamba(), tokenizer=_tokenizer()),
+     headlab.UnsupportedModelError, "mamba"),
+    ("a-dtype-for-a-model-in-memory", lambda tmp: headlab.load_model(_tiny_hf(), tokenizer=_tokenizer(),
+                                                                     dtype="bfloat16"),
+     headlab.InputError, "a model in memory stays on the devices and in the dtype it has, so dtype does not apply"),
+    ("ray-for-a-model-in-memory", lambda tmp: headlab.scan(headlab.load_model("tiny-llama"), tmp / "scan",
+                                                           engine="ray"),
+     headlab.InputError, "a model in memory is scanned here"),
+]
+
+
+@pytest.mark.parametrize("row", API_ROWS, ids=[row[0] for row in API_ROWS])
+def test_a_wrong_object_gets_one_sentence(row, tmp_path):
+    _, call, error, says = row
+    with pytest.raises(error) as caught:
+        call(tmp_path)
+    message = str(caught.value)
+    assert says in message and "\n" not in message and message.count(". ") == 0, message
+    assert not any(tmp_path.iterdir()), "the call wrote something"
 
 
 def test_a_probe_crashing_in_torch_does_not_stop_the_others(tmp_path, monkeypatch):

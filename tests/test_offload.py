@@ -19,13 +19,23 @@ def device_map(model, offloaded: set[int]) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.real)])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama folder",
+                                  pytest.param("smollm2-135m", marks=pytest.mark.real)])
 def test_offloaded_layers_change_no_number(name, tmp_path):
+    if name == "tiny-llama folder":  # read by from_pretrained, as a registry model's cached weights are
+        name = tmp_path / "folder"
+        built = headlab.load_model("tiny-llama")
+        built.hf.save_pretrained(name)
+        built.tokenizer.save_pretrained(name)
     plain = headlab.load_model(name)
     offloaded = set(range(0, plain.n_layers, 2))
-    model = headlab.load_model(name, device_map=device_map(plain, offloaded), offload_dir=tmp_path)
+    offload_dir = tmp_path / "offload"
+    model = headlab.load_model(name, device_map=device_map(plain, offloaded), offload_dir=offload_dir)
     assert {p.device.type for p in model.hf.model.layers[0].parameters()} == {"meta"}  # really on disk
-    assert any(tmp_path.iterdir())
+    if name == "tiny-llama":  # built in memory: its offloaded weights are written to the offload folder
+        assert any(offload_dir.iterdir())
+    else:  # read from the safetensors file at each forward, never copied
+        assert not offload_dir.exists() or not any(offload_dir.iterdir())
     tokens = plain.to_tokens("The offloaded layers are streamed in from the disk at every forward.")
     torch.testing.assert_close(model.logits(tokens), plain.logits(tokens), atol=0, rtol=0)
     stats, reference = (m.attention_stats(tokens, want=("lse", "top1", "colsum")) for m in (model, plain))

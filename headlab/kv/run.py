@@ -42,7 +42,7 @@ class KVSettings:
     seed: int = constrained(0, help="seed of the random-head control")
     max_new_tokens: int = constrained(MAX_NEW_TOKENS, at_least=1, help="longest answer, in tokens (the NIAH answer "
                                                                        "rule's)")
-    device: str = constrained("cpu", help="cpu or cuda")
+    device: str = constrained("cpu", help="auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps")
     decode_threads: Optional[int] = constrained(None, at_least=1, help="torch threads while decoding (default: "
                                                                        "unchanged)")
     engine: str = constrained("local", choices=ENGINES, help="local or ray (the tests run on Ray workers)")
