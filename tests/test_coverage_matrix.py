@@ -27,8 +27,7 @@ pytestmark = pytest.mark.slow
 
 FAMILIES = list(FAMILY_CONFIGS)
 PLANTED = ("gpt_oss", "gpt_neox", "phi3", "mixtral", "gptj")
-SINKS = "learned sinks enter the softmax normaliser"
-NOT_YET = {("gpt_oss", "stats"): SINKS, ("gpt_oss", "logits"): SINKS}  # until the kernel takes the sink logits
+NOT_YET: dict = {}  # (model type, capability) -> reason, for a known gap (strict xfail)
 PAIR = {"name": "tiny pair", "clean": [[0, 70, 71, 72, 73, 74]], "corrupted": [[0, 70, 75, 72, 73, 74]],
         "answer": [80], "wrong": [81]}
 ITEMS = tuple({"question": f"Question {i}?", "options": ["x", "y", "z"], "answer": i % 3} for i in range(4))
@@ -39,6 +38,11 @@ PROBE_PARAMS = {  # the quick profiles, made smaller still: a tiny model has not
     "qk": {"items": ITEMS, "batch_size": 4},
     "patching": {"task": PAIR},
     "retrieval": {"lengths": (256,), "depths": (0.5,), "needles": 1, "max_new_tokens": 2},
+    "function_vector": {"tasks": ("antonym",), "n_shots": 2, "n_mean": 2, "n_corrupted": 1},
+    "successor": {},
+    "copy_suppression": {"n_texts": 1, "n_tokens": 32, "max_tokens": 16},
+    "query_retrieval": {"groups": 1, "n_passages": 3, "passage_tokens": 16},
+    "weight_scores": {"n_tokens": 64, "distances": 8},
     "vision": {"n": 1, "needles": 1, "depths": (0.5,), "document_length": 256, "max_new_tokens": 2},
 }
 # fp32, two layers, logits of order 1: SDPA, the kernel's online softmax, eager attention and the bridge's own attention
@@ -51,8 +55,8 @@ STATS_ATOL = 1e-5
 
 
 def in_memory(model_type: str, hf, tokenizer) -> HeadModel:
-    """A model already in memory as headlab sees it (to become headlab.load_model(hf, tokenizer=tokenizer))."""
-    return HeadModel(f"tiny-{model_type}", hf, tokenizer)
+    """A model already in memory, brought to headlab as a user brings theirs."""
+    return headlab.load_model(hf, tokenizer=tokenizer, name=f"tiny-{model_type}")
 
 
 def families(capability: str | None = None) -> list:
