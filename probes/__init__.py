@@ -42,20 +42,23 @@ def probes() -> dict[str, Probe]:
 
         for entry in entry_points(group="headlab.probes"):
             register(entry.load())
+    named = {}  # the modules $HEADLAB_PROBES names now: read at each call, so unsetting it drops them
     for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        _load_plugin(module)
-    everything = {**_OWN, **_REGISTERED}
+        probe = _plugin_probe(module)
+        if probe is not None:
+            named[probe.name] = probe
+    everything = {**_OWN, **_REGISTERED, **named}
     return dict(sorted(everything.items(), key=lambda item: (item[1].order, item[0])))
 
 
-def _load_plugin(module: str) -> None:
+def _plugin_probe(module: str) -> Probe | None:
+    """The PROBE of a module named in $HEADLAB_PROBES (None when it only registers probes on import)."""
     try:
         loaded = importlib.import_module(module)
     except ImportError as error:
         raise InputError(f"cannot import the probe module {module!r} named in ${PLUGINS_ENV}: {error}") from None
     probe = getattr(loaded, "PROBE", None)
-    if isinstance(probe, Probe):
-        register(probe)
+    return probe if isinstance(probe, Probe) else None
 
 
 def get_probe(name: str) -> Probe:

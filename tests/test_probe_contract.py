@@ -282,6 +282,8 @@ def test_a_probe_from_outside_runs_through_the_cli(tmp_path, monkeypatch):
     expected = sum(model.run_with_cache(model.to_tokens(text))[1].stack_activation("pattern")[:, 0]
                    .diagonal(dim1=-2, dim2=-1).double().mean(-1) for text in texts) / len(texts)  # [layer, head]
     assert torch.equal(torch.tensor(heads["self_attention"].to_numpy()).view(model.n_layers, model.n_heads), expected)
+    monkeypatch.delenv("HEADLAB_PROBES")
+    assert "self_attention" not in probes()  # named by the variable, not registered for the rest of the process
 
 
 def test_constraints_declared_on_params_fields_are_checked_once():
