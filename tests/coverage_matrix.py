@@ -22,7 +22,9 @@ CAPABILITIES = {  # column -> what a "yes" means
     "stats": "kernel statistics (LSE, entropy, top-1, span mass, column sums) = fp64 ones of its eager probabilities",
     "interventions": "ablation and scaling restore the model bit for bit",
     "detectors": "probe runs", "sinks": "probe runs", "flow": "probe runs", "qk": "probe runs",
-    "patching": "probe runs", "retrieval": "probe runs", "vision": "probe runs",
+    "patching": "probe runs", "retrieval": "probe runs", "vision": "probe runs", "query_retrieval": "probe runs",
+    "function_vector": "probe runs", "successor": "probe runs", "copy_suppression": "probe runs",
+    "weight_scores": "probe runs",
     "planted": "a planted first-token head ranks first",
 }
 RESULTS: dict[str, dict[str, str]] = {}  # this run's cells
@@ -37,13 +39,16 @@ def write_results(results: dict[str, dict[str, str]]) -> None:
 
 
 def render(results: dict[str, dict[str, str]]) -> str:
-    """The markdown table: one row per model type, ✓ for yes, a numbered note for each reason a cell is not."""
+    """The markdown table: one row per set of model types with the same outcomes, ✓ for yes, a numbered note for each
+    reason a cell is not."""
     notes: list[str] = []
-    rows = ["| model type | " + " | ".join(CAPABILITIES) + " |", "|---" * (len(CAPABILITIES) + 1) + "|"]
+    groups: dict[tuple, list[str]] = {}
     for model_type, cells in sorted(results.items()):
+        groups.setdefault(tuple(cells.get(capability) for capability in CAPABILITIES), []).append(model_type)
+    rows = ["| model types | " + " | ".join(CAPABILITIES) + " |", "|---" * (len(CAPABILITIES) + 1) + "|"]
+    for outcomes, model_types in sorted(groups.items(), key=lambda item: item[1][0]):
         row = []
-        for capability in CAPABILITIES:
-            outcome = cells.get(capability)
+        for outcome in outcomes:
             if outcome is None:
                 row.append("")
             elif outcome == "yes":
@@ -52,7 +57,7 @@ def render(results: dict[str, dict[str, str]]) -> str:
                 if outcome not in notes:
                     notes.append(outcome)
                 row.append(f"{outcome.split(':')[0]} ({notes.index(outcome) + 1})")
-        rows.append(f"| `{model_type}` | " + " | ".join(row) + " |")
+        rows.append("| " + ", ".join(f"`{t}`" for t in model_types) + " | " + " | ".join(row) + " |")
     legend = [f"{i}. {note.split(': ', 1)[1]}" for i, note in enumerate(notes, 1)]
     return "\n".join(rows + [""] + legend)
 
