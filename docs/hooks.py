@@ -190,7 +190,8 @@ def api_reference() -> str:
     lines = ["# API reference", "", "Every name `headlab` exports (`headlab.__all__`), with its signature and "
              "docstring. The probes' own functions are on their pages.", ""]
     for name in sorted(headlab.__all__, key=str.lower):
-        module = headlab._LAZY.get(name) or getattr(headlab, name).__module__  # Head is an alias: no __module__
-        lines += [f"::: {module}.{name}", "    options:", "      heading_level: 2",
+        module, _, attribute = (headlab._LAZY.get(name) or getattr(headlab, name).__module__).partition(":")
+        # "module:attribute" where the exported name differs from the object's own; Head is an alias: no __module__
+        lines += [f"::: {module}.{attribute or name}", "    options:", "      heading_level: 2",
                   "      show_root_full_path: false", ""]
     return "\n".join(lines)
