@@ -72,9 +72,11 @@ def effective_embeddings(model, tokens: Int[torch.Tensor, "n"]) -> Float[torch.T
 
 @torch.no_grad()
 def ov_source(model, layer: int, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "head n d_head"]:
-    """Each head's value of residuals `x` read by `layer`: its input norm, then W_V (+ b_V), per query head."""
-    attn = model.bridge.blocks[layer].attn
-    normed = model.bridge.blocks[layer].ln1(x[:, None].to(model.dtype))[:, 0].float()
+    """Each head's value of residuals `x` read by `layer`: its input norm (none in OLMo 2, which norms after attention),
+    then W_V (+ b_V), per query head."""
+    block = model.bridge.blocks[layer]
+    attn = block.attn
+    normed = block.ln1(x[:, None].to(model.dtype))[:, 0].float() if hasattr(block, "ln1") else x.float()
     kv = torch.arange(model.n_heads) // (model.n_heads // model.n_kv_heads)
     values = torch.einsum("nm,hmd->hnd", normed, attn.W_V.detach().float()[kv])
     b_V = getattr(attn, "b_V", None)
