@@ -5,9 +5,9 @@ weights.
 Copying: the full OV circuit of head h maps a token to logits, W_E W_V W_O W_U [vocab, vocab] (the embedding read
 through the layer's input norm, the unembedding through the final norm, a post-attention norm folded in; a LayerNorm
 centres what it reads, a norm without weight has gain one, and a family without an input norm, OLMo 2, reads the
-embedding as it is). A copying
-head raises the logit of the token it attends to, so its eigenvalues are mostly positive: the copying score is
-Re(sum lambda) / sum |lambda| (1: all positive, -1: all negative, a copy-suppression head). Its nonzero eigenvalues are
+embedding as it is). A copying head raises the logit of the token it attends to, so its eigenvalues are mostly
+positive: the copying score is Re(sum lambda) / sum |lambda| (1: all positive, -1: all negative, a copy-suppression
+head). Its nonzero eigenvalues are
 those of the d_head x d_head matrix W_O W_U W_E W_V (AB and BA share them), so no vocab x vocab matrix is formed.
 
 Position: for a rotary model, the part of a head's attention logit that depends only on the distance d between query
