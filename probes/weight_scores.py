@@ -7,8 +7,8 @@ through the layer's input norm, the unembedding through the final norm, a post-a
 centres what it reads, a norm without weight has gain one, and a family without an input norm, OLMo 2, reads the
 embedding as it is). A copying head raises the logit of the token it attends to, so its eigenvalues are mostly
 positive: the copying score is Re(sum lambda) / sum |lambda| (1: all positive, -1: all negative, a copy-suppression
-head). Its nonzero eigenvalues are
-those of the d_head x d_head matrix W_O W_U W_E W_V (AB and BA share them), so no vocab x vocab matrix is formed.
+head). Its nonzero eigenvalues are those of the d_head x d_head matrix W_O W_U W_E W_V (AB and BA share them), so no
+vocab x vocab matrix is formed.
 
 Position: for a rotary model, the part of a head's attention logit that depends only on the distance d between query
 and key, averaged over tokens, is s(d) = qbar . R(d) kbar (q and k of a seeded sample of tokens through the layer's
