@@ -22,7 +22,9 @@ CAPABILITIES = {  # column -> what a "yes" means
     "stats": "kernel statistics (LSE, entropy, top-1, span mass, column sums) = fp64 ones of its eager probabilities",
     "interventions": "ablation and scaling restore the model bit for bit",
     "detectors": "probe runs", "sinks": "probe runs", "flow": "probe runs", "qk": "probe runs",
-    "patching": "probe runs", "retrieval": "probe runs", "vision": "probe runs",
+    "patching": "probe runs", "retrieval": "probe runs", "vision": "probe runs", "query_retrieval": "probe runs",
+    "function_vector": "probe runs", "copy_suppression": "probe runs", "successor": "probe runs",
+    "weight_scores": "probe runs",
     "planted": "a planted first-token head ranks first",
 }
 RESULTS: dict[str, dict[str, str]] = {}  # this run's cells
