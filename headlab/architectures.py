@@ -59,6 +59,10 @@ class Architecture:
     parallel_attention_mlp: ClassVar[bool] = False  # attention and MLP read the same residual (no resid_mid)
     window_on_every_layer: ClassVar[bool] = False  # config.sliding_window masks every layer (Mistral)
     learned_sinks: ClassVar[bool] = False  # a learned logit per head joins each softmax (its rows sum to less than 1)
+    # how RoPE pairs a head's rotary features: "halves" (feature i with i + rotary_dims / 2, transformers'
+    # rotate_half) or "interleaved" (2i with 2i + 1, GPT-J); and whether the rotary module returns (sin, cos)
+    rotary_layout: ClassVar[str] = "halves"
+    rotary_sin_first: ClassVar[bool] = False
 
     def __init__(self, hf: nn.Module, multimodal: bool = False):
         self.hf = hf
@@ -148,6 +152,18 @@ class Architecture:
         if self.qk_norm is None:
             return None
         return Projection(getattr(self.attention(layer), norm), layout=self.qk_norm)
+
+    def rotary_embedding(self) -> nn.Module | None:
+        """The module that gives cos and sin for position ids (called as module(x, position_ids)), or None: no RoPE."""
+        return getattr(self.decoder(), "rotary_emb", None)
+
+    @property
+    def rotary_dims(self) -> int:
+        """The leading features of each q/k head that RoPE rotates, the rest passing unrotated (0: no RoPE)."""
+        if self.rotary_embedding() is None:
+            return 0
+        rope = getattr(self.config, "rope_parameters", None) or {}
+        return int(self.d_head * rope.get("partial_rotary_factor", 1.0))
 
     def o(self, layer: int) -> nn.Module:
         """The output projection: its input is z [batch, pos, heads * d], the heads' outputs before W_O."""
@@ -289,9 +305,17 @@ class GPTNeoX(Architecture):
 
 
 class GPTJ(Architecture):
+    """RoPE on the first rotary_dim features in interleaved pairs; its rotary module returns sin before cos."""
+
     family = "GPT-J"
     model_types = ("gptj",)
     parallel_attention_mlp = True
+    rotary_layout = "interleaved"
+    rotary_sin_first = True
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.config.rotary_dim or self.d_head
 
 
 class OPT(Architecture):

@@ -67,7 +67,10 @@ def context_suppression(model, tokens: Int[torch.Tensor, "1 pos"], future: bool 
         directions = torch.cat([context_directions(W_U, row.flip(0), 0).flip(0)[1:], torch.zeros(1, W_U.shape[0])])
     else:
         directions = context_directions(W_U, row, skip)  # [pos, d_model]
-    readout = directions * norm_gain(model, "ln_final").float() / cache["ln_final.hook_scale"][0].float()
+    readout = directions * norm_gain(model, "ln_final").float()
+    if not model.bridge.ln_final.uses_rms_norm:  # a LayerNorm subtracts the write's mean before its gain
+        readout = readout - readout.mean(-1, keepdim=True)
+    readout = readout / cache["ln_final.hook_scale"][0].float()
     positions = slice(skip + 1, None)
     effects = torch.stack([torch.einsum("phm,pm->ph", head_writes(model, cache, layer)[0].float(), readout)[positions]
                            .mean(0) for layer in range(model.n_layers)])

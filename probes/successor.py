@@ -72,9 +72,11 @@ def effective_embeddings(model, tokens: Int[torch.Tensor, "n"]) -> Float[torch.T
 
 @torch.no_grad()
 def ov_source(model, layer: int, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "head n d_head"]:
-    """Each head's value of residuals `x` read by `layer`: its input norm, then W_V (+ b_V), per query head."""
-    attn = model.bridge.blocks[layer].attn
-    normed = model.bridge.blocks[layer].ln1(x[:, None].to(model.dtype))[:, 0].float()
+    """Each head's value of residuals `x` read by `layer`: its input norm (none in OLMo 2, which norms after attention),
+    then W_V (+ b_V), per query head."""
+    block = model.bridge.blocks[layer]
+    attn = block.attn
+    normed = block.ln1(x[:, None].to(model.dtype))[:, 0].float() if hasattr(block, "ln1") else x.float()
     kv = torch.arange(model.n_heads) // (model.n_heads // model.n_kv_heads)
     values = torch.einsum("nm,hmd->hnd", normed, attn.W_V.detach().float()[kv])
     b_V = getattr(attn, "b_V", None)
@@ -83,16 +85,19 @@ def ov_source(model, layer: int, x: Float[torch.Tensor, "n d_model"]) -> Float[t
 
 @torch.no_grad()
 def ov_readout(model, layer: int) -> Float[torch.Tensor, "head d_head d_model"]:
-    """Each head's W_O times the elementwise gains between it and W_U (a post-attention norm's, where the family has
-    one, and the final norm's): the norms' division by the RMS is one positive number per row, which no comparison of
-    logits within a row depends on."""
+    """Each head's W_O (centred under a final LayerNorm) times the elementwise gains between it and W_U (a
+    post-attention norm's, where the family has one, and the final norm's): the norms' division by the RMS is one
+    positive number per row, which no comparison of logits within a row depends on."""
     from headlab.probes.patching import norm_gain
 
     gain = norm_gain(model, "ln_final").float()
     post = model.architecture.bridge_post_attention_norm_name(layer)
     if post is not None:
         gain = gain * norm_gain(model, post).float()
-    return model.bridge.blocks[layer].attn.W_O.detach().float() * gain
+    W_O = model.bridge.blocks[layer].attn.W_O.detach().float()
+    if not model.bridge.ln_final.uses_rms_norm:  # a LayerNorm subtracts the write's mean before its gain
+        W_O = W_O - W_O.mean(-1, keepdim=True)
+    return W_O * gain
 
 
 def unembedding(model) -> Float[torch.Tensor, "d_model vocab"]:

@@ -3,10 +3,12 @@
 weights.
 
 Copying: the full OV circuit of head h maps a token to logits, W_E W_V W_O W_U [vocab, vocab] (the embedding read
-through the layer's input norm, the unembedding through the final norm, a post-attention norm folded in). A copying
-head raises the logit of the token it attends to, so its eigenvalues are mostly positive: the copying score is
-Re(sum lambda) / sum |lambda| (1: all positive, -1: all negative, a copy-suppression head). Its nonzero eigenvalues are
-those of the d_head x d_head matrix W_O W_U W_E W_V (AB and BA share them), so no vocab x vocab matrix is formed.
+through the layer's input norm, the unembedding through the final norm, a post-attention norm folded in; a LayerNorm
+centres what it reads, a norm without weight has gain one, and a family without an input norm, OLMo 2, reads the
+embedding as it is). A copying head raises the logit of the token it attends to, so its eigenvalues are mostly
+positive: the copying score is Re(sum lambda) / sum |lambda| (1: all positive, -1: all negative, a copy-suppression
+head). Its nonzero eigenvalues are those of the d_head x d_head matrix W_O W_U W_E W_V (AB and BA share them), so no
+vocab x vocab matrix is formed.
 
 Position: for a rotary model, the part of a head's attention logit that depends only on the distance d between query
 and key, averaged over tokens, is s(d) = qbar . R(d) kbar (q and k of a seeded sample of tokens through the layer's
@@ -23,7 +25,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Complex, Float
+from jaxtyping import Complex, Float, Int
+from torch import nn
 
 from headlab.errors import UnsupportedModelError
 from headlab.probe import Probe, Role, Unit, iter_partials
@@ -55,87 +58,127 @@ def linear_map(module, width: int, columns=None) -> Float[torch.Tensor, "d_in d_
     return (out if columns is None else out[:, columns]).double().cpu()
 
 
-def norm_scale(module, width: int) -> Float[torch.Tensor, "d"]:
-    """The per-feature scale of an RMS-type norm: its output on a vector of ones (whose RMS is one)."""
-    weight = next(module.parameters())
-    return module(torch.ones(1, width, dtype=weight.dtype, device=weight.device))[0].double().cpu()
+def norm_scale(model, module) -> Float[torch.Tensor, "d"]:
+    """The per-feature gain of a norm (ones where there is none): (module(x) - module(-x)) / 2x for x = +-1
+    alternating, whose mean is 0 and RMS 1, so that an RMS norm's and a LayerNorm's division and centring leave x
+    as it is and a bias cancels. A norm without a weight (OLMo) has gain one."""
+    width = model.architecture.config.hidden_size
+    if module is None:
+        return torch.ones(width, dtype=torch.float64)
+    x = torch.ones(width, dtype=torch.float64)
+    x[1::2] = -1
+    probe = x[None].to(model.dtype).to(model.device)
+    return ((module(probe) - module(-probe))[0].double().cpu() / 2) * x
 
 
 def rms_normalised(x: Float[torch.Tensor, "n d"]) -> Float[torch.Tensor, "n d"]:
     return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 @torch.no_grad()
-def embedding_gram(model, chunk: int = 8192) -> Float[torch.Tensor, "d d"]:
-    """U^T N [d_model, d_model]: the unembedding against the RMS-normalised embeddings, summed over the vocabulary
-    in chunks (float64)."""
+def embedding_gram(model, normalisation: str | None = "rms", chunk: int = 8192) -> Float[torch.Tensor, "d d"]:
+    """U^T N [d_model, d_model]: the unembedding against the embeddings as the layers' input norm normalises them
+    ("rms": divided by their RMS; "layer": centred, then that; None: as they are, with no input norm), summed over
+    the vocabulary in chunks (float64)."""
     embed, unembed = model.hf.get_input_embeddings(), model.hf.get_output_embeddings().weight
     vocab = unembed.shape[0]
     gram = torch.zeros(unembed.shape[1], unembed.shape[1], dtype=torch.float64)
     for start in range(0, vocab, chunk):
         ids = torch.arange(start, min(vocab, start + chunk), device=unembed.device)
-        gram += unembed[ids].double().cpu().T @ rms_normalised(embed(ids).double().cpu())
+        rows = embed(ids).double().cpu()
+        if normalisation == "layer":
+            rows = rows - rows.mean(-1, keepdim=True)
+        gram += unembed[ids].double().cpu().T @ (rows if normalisation is None else rms_normalised(rows))
     return gram
 
 
-def input_norm(model, layer: int):
-    """The module that normalises the residual stream `layer`'s attention reads (the bridge's blocks.<layer>.ln1), or
-    None: a post-norm model."""
-    norm = getattr(model.bridge.blocks[layer], "ln1", None)
-    return None if norm is None else norm.original_component
+def _bridge_norm(bridge_norm) -> tuple[nn.Module | None, str | None]:
+    """(the Hugging Face module, "rms" or "layer": whether it centres) of a bridge norm; (None, None) for none."""
+    if bridge_norm is None:
+        return None, None
+    return bridge_norm.original_component, "rms" if bridge_norm.uses_rms_norm else "layer"
 
 
-def final_norm(model):
-    """The module that normalises the residual stream before the unembedding (the bridge's ln_final), or None."""
-    norm = getattr(model.bridge, "ln_final", None)
-    return None if norm is None else norm.original_component
+def input_norm(model, layer: int) -> tuple[nn.Module | None, str | None]:
+    """The norm of the residual stream `layer`'s attention reads (the bridge's blocks.<layer>.ln1) and its kind, or
+    (None, None): the family has no norm there (OLMo 2 norms after attention) or a post-norm model."""
+    return _bridge_norm(getattr(model.bridge.blocks[layer], "ln1", None))
 
 
-def ov_matrices(model, layer: int, gram: Float[torch.Tensor, "d d"]) -> Float[torch.Tensor, "head d_head d_head"]:
-    """Each head's W_O Gamma_post Gamma_final U^T N Gamma_in W_V (the small twin of the full OV circuit)."""
+def final_norm(model) -> tuple[nn.Module | None, str | None]:
+    """The norm of the residual stream before the unembedding (the bridge's ln_final) and its kind, or (None, None)."""
+    return _bridge_norm(getattr(model.bridge, "ln_final", None))
+
+
+def ov_matrices(model, layer: int) -> Float[torch.Tensor, "head d_head d_head"]:
+    """Each head's W_O C Gamma_post Gamma_final U^T N Gamma_in W_V (the small twin of the full OV circuit; C centres
+    the head's write where the final norm is a LayerNorm)."""
     arch, d, dh = model.architecture, model.architecture.config.hidden_size, model.d_head
     v_proj = arch.v(layer)
     w_v = linear_map(v_proj.module, d, v_proj.columns)  # [d, kv * dh]
     w_o = linear_map(arch.o(layer), model.n_heads * dh)  # [heads * dh, d]
-    scale_out = norm_scale(final_norm(model), d)
-    if arch.post_attention_norm(layer) is not None:
-        scale_out = scale_out * norm_scale(arch.post_attention_norm(layer), d)
-    middle = (scale_out[:, None] * gram) * norm_scale(input_norm(model, layer), d)[None, :]
+    norm_out, kind_out = final_norm(model)
+    scale_out = norm_scale(model, norm_out) * norm_scale(model, arch.post_attention_norm(layer))
+    norm_in, kind_in = input_norm(model, layer)
+    middle = (scale_out[:, None] * embedding_gram(model, kind_in)) * norm_scale(model, norm_in)[None, :]
+    if kind_out == "layer":
+        middle = middle - middle.mean(0, keepdim=True)  # C middle: the final norm subtracts the write's mean
     group = model.n_heads // (w_v.shape[1] // dh)
     return torch.stack([w_o[h * dh:(h + 1) * dh] @ middle @ w_v[:, (h // group) * dh:(h // group + 1) * dh]
                         for h in range(model.n_heads)])
 
 
-def rotary_cos_sin(model, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [pos, d_head] of the model's rotary embedding for `layer` (None, None: the model has none)."""
-    rotary = getattr(model.architecture.decoder(), "rotary_emb", None)
-    if rotary is None:
-        return None, None
-    weight = next(model.hf.parameters())
-    x = torch.zeros(1, len(positions), model.d_head, dtype=weight.dtype, device=weight.device)
+@dataclass(frozen=True)
+class Rotary:
+    """A layer's RoPE as a per-feature rotation of a q or k head: feature i at position p becomes
+    x_i cos[p, i] + x_partner[i] sin[p, i] (sin carries the sign: minus on the first feature of each pair; cos 1 and
+    sin 0 on the features past the rotary dimensions, which pass unrotated)."""
+
+    cos: Float[torch.Tensor, "pos d"]
+    sin: Float[torch.Tensor, "pos d"]
+    partner: Int[torch.Tensor, "d"]
+
+    def rotate(self, x: Float[torch.Tensor, "... pos d"], positions: torch.Tensor, sign: int = 1
+               ) -> Float[torch.Tensor, "... pos d"]:
+        """x rotated to `positions` (sign -1: the inverse rotation)."""
+        return x * self.cos[positions] + sign * x[..., self.partner] * self.sin[positions]
+
+
+def rotary_of(model, layer: int, positions: torch.Tensor) -> Rotary | None:
+    """The family's RoPE of `layer` at `positions` (None: the model has none), from its own rotary module and the
+    adapter's rotary dimensions and pairing."""
+    arch = model.architecture
+    module, rot, d = arch.rotary_embedding(), arch.rotary_dims, model.d_head
+    if module is None:
+        return None
+    x = torch.zeros(1, len(positions), d, dtype=model.dtype, device=model.device)
     kwargs = {}
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        kwargs["layer_type"] = model.architecture.config.layer_types[layer]
-    cos, sin = rotary(x, positions[None].to(weight.device), **kwargs)
-    return cos[0].double().cpu(), sin[0].double().cpu()
+    if "layer_type" in inspect.signature(module.forward).parameters:
+        kwargs["layer_type"] = arch.config.layer_types[layer]
+    first, second = module(x, positions[None].to(model.device), **kwargs)
+    cos, sin = (second, first) if arch.rotary_sin_first else (first, second)
+    # one angle per pair: transformers repeats the rotate_half angles over both halves; gpt-oss and GPT-J give each once
+    cos, sin = cos[0, :, :rot // 2].double().cpu(), sin[0, :, :rot // 2].double().cpu()
+    pairs = torch.arange(rot // 2)
+    lead, follow = (2 * pairs, 2 * pairs + 1) if arch.rotary_layout == "interleaved" else (pairs, pairs + rot // 2)
+    full_cos = torch.ones(len(positions), d, dtype=torch.float64)
+    full_sin = torch.zeros(len(positions), d, dtype=torch.float64)
+    full_cos[:, lead], full_cos[:, follow] = cos, cos
+    full_sin[:, lead], full_sin[:, follow] = -sin, sin
+    partner = torch.arange(d)
+    partner[lead], partner[follow] = follow, lead
+    return Rotary(full_cos, full_sin, partner)
 
 
-def rotate(x: Float[torch.Tensor, "... pos d"], cos, sin, sign: int = 1) -> Float[torch.Tensor, "... pos d"]:
-    """RoPE as transformers applies it (halves rotated): x cos + rotate_half(x) sin (sign -1: the inverse)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + sign * rotated * sin
-
-
-def positional_kernel(q: Float[torch.Tensor, "head d"], k: Float[torch.Tensor, "head d"], cos, sin, scale: float,
-                      sign: int = 1) -> Float[torch.Tensor, "head distance"]:
-    """Attention logits of a query at the last position over keys at distance 0, 1, ... (cos, sin [n, d] for
-    positions 0 .. n-1): the query rotated to n-1, the key to n-1-distance."""
-    n = cos.shape[0]
-    q_rot = rotate(q[:, None, :], cos[n - 1:], sin[n - 1:])  # [head, 1, d]
+def positional_kernel(q: Float[torch.Tensor, "head d"], k: Float[torch.Tensor, "head d"], rotary: Rotary,
+                      scale: float, sign: int = 1) -> Float[torch.Tensor, "head distance"]:
+    """Attention logits of a query at the last position over keys at distance 0, 1, ... (`rotary` for positions
+    0 .. n-1): the query rotated to n-1, the key to n-1-distance (sign -1: the key rotated the wrong way)."""
+    n = rotary.cos.shape[0]
+    q_rot = rotary.rotate(q[:, None, :], torch.tensor([n - 1]))  # [head, 1, d]
     positions = torch.arange(n - 1, -1, -1)  # key position at distance 0, 1, ...
-    k_rot = rotate(k[:, None, :], cos[positions], sign * sin[positions])  # [head, distance, d]
+    k_rot = rotary.rotate(k[:, None, :], positions, sign)  # [head, distance, d]
     return (q_rot * k_rot).sum(-1) * scale
 
 
@@ -143,7 +186,9 @@ def positional_kernel(q: Float[torch.Tensor, "head d"], k: Float[torch.Tensor, "
 def mean_qk(model, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """qbar, kbar [head, d_head]: q and k of each sampled token (input norm, projection, q/k norm), averaged."""
     arch = model.architecture
-    x = input_norm(model, layer)(model.hf.get_input_embeddings()(tokens[None].to(model.device)))[0]
+    x = model.hf.get_input_embeddings()(tokens[None].to(model.device))
+    norm, _ = input_norm(model, layer)
+    x = (x if norm is None else norm(x))[0]
     out = []
     for projection, normed, heads in ((arch.q(layer), arch.q_normed(layer), model.n_heads),
                                       (arch.k(layer), arch.k_normed(layer), model.n_kv_heads)):
@@ -208,7 +253,8 @@ class WeightScores(Probe):
 
     def check(self, model, params):
         super().check(model, params)
-        if final_norm(model) is None or input_norm(model, 0) is None:
+        no_input_norm = input_norm(model, 0)[0] is None and model.architecture.post_attention_norm(0) is None
+        if final_norm(model)[0] is None or no_input_norm:
             raise UnsupportedModelError(f"weight_scores reads a pre-norm decoder's input and final norms; "
                                         f"{model.name} has none")
 
@@ -226,15 +272,15 @@ class WeightScores(Probe):
     @torch.no_grad()
     def run(self, model, params, unit):
         layer = unit.data["layer"]
-        eigenvalues = torch.linalg.eigvals(ov_matrices(model, layer, embedding_gram(model)))  # [head, d_head]
-        cos, sin = rotary_cos_sin(model, layer, torch.arange(params.distances))
-        if cos is None:
+        eigenvalues = torch.linalg.eigvals(ov_matrices(model, layer))  # [head, d_head]
+        rotary = rotary_of(model, layer, torch.arange(params.distances))
+        if rotary is None:
             positional = torch.full((model.n_heads, 3), float("nan"))
         else:
             q, k = mean_qk(model, layer, self.tokens(model, params))
             scale = float(getattr(model.architecture.attention(layer), "scaling", model.d_head ** -0.5))
             window = model.architecture.sliding_window(layer)
-            logits = positional_kernel(q, k, cos, sin, scale)[:, :min(params.distances, window or params.distances)]
+            logits = positional_kernel(q, k, rotary, scale)[:, :min(params.distances, window or params.distances)]
             probs = logits.softmax(-1)
             distance = torch.arange(probs.shape[-1], dtype=torch.float64)
             positional = torch.stack([probs[:, 1], probs[:, 0], (probs * distance).sum(-1)], -1)

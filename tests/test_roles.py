@@ -296,3 +296,46 @@ def test_the_five_role_probes_run_on_gemma3():
             # the mean itself (a 1e-12 slack for the fp64 sums in another order)
             assert ((frame["score_lo"] <= frame["score"] + 1e-12) & (frame["score"] <= frame["score_hi"] + 1e-12)).all()
         assert table.meta["roles"] and table.meta["validity"]["rests_on"], name
+
+
+def gain(norm) -> torch.Tensor | float:
+    return 1.0 if getattr(norm, "weight", None) is None else norm.weight.detach().double()
+
+
+def readout_error(model, layer: int) -> float:
+    """How far a head's write z W_O, read through ov_readout and W_U, is from the family's norms written out (a
+    post-attention norm's gain where it has one; the final norm's centring where it is a LayerNorm, and its gain),
+    the norms' division by the RMS left out (a positive number per row) and the final norm's bias too (the same
+    logits for every write)."""
+    torch.manual_seed(0)
+    z = torch.randn(model.n_heads, 6, model.d_head)
+    readout = successor.ov_readout(model, layer)
+    W_U, W_O = successor.unembedding(model), model.bridge.blocks[layer].attn.W_O.detach()
+    final = model.architecture.decoder().get_submodule(
+        "norm" if hasattr(model.architecture.decoder(), "norm") else "ln_f")
+    post = model.architecture.post_attention_norm(layer)
+    worst = 0.0
+    for head in range(model.n_heads):
+        write = z[head].double() @ W_O[head].double()  # [6, d_model]
+        if post is not None:
+            write = write * gain(post)  # its gain; its division by the RMS is a positive number per row
+        centred = write - write.mean(-1, keepdim=True) if model.name in ("tiny-gpt2", "tiny-olmo") else write
+        real = centred * gain(final) @ W_U.double()
+        ours = z[head].double() @ readout[head].double() @ W_U.double()
+        worst = max(worst, float(((ours - real).abs().max() / real.abs().max())))
+    return worst
+
+
+@pytest.mark.parametrize("family", ["gpt2", "olmo", "olmo2", "llama"])
+def test_the_ov_readout_is_the_familys_norms_written_out(family, monkeypatch):
+    """GPT-2's LayerNorm (centred, a gain and a bias), OLMo's LayerNorm without weight, OLMo 2's post-attention RMS
+    norm and Llama's RMS norm: the readout's logits are those norms' written out, up to the RMS division. The wrong
+    variant, GPT-2's readout without the centring, misses them."""
+    from headlab.tiny import tiny_family
+
+    model = HeadModel(f"tiny-{family}", *tiny_family(family))
+    # the probe's float32 readout against the float64 reference: float32 rounding, ~1e-7 relative
+    assert readout_error(model, 1) < 1e-5
+    if family == "gpt2":
+        monkeypatch.setattr(type(model.bridge.ln_final), "uses_rms_norm", True, raising=False)
+        assert readout_error(model, 1) > 1e-2

@@ -186,14 +186,21 @@ def _patch_hook(targets: list[tuple], sources: list[tuple], source: torch.Tensor
 # what each head writes into the residual stream
 
 def norm_gain(model, prefix: str) -> torch.Tensor:
-    """The elementwise gain of the bridge's RMS-type norm at `prefix` (e.g. "ln_final"): what it multiplies x / scale
-    by, read by running the norm on ones with its hook_scale forced to 1: [d_model]."""
+    """The elementwise gain of the bridge's norm at `prefix` (e.g. "ln_final"): what it multiplies x / scale by, read
+    by running the norm with its hook_scale forced to 1 on x = +-1 alternating (mean 0, so a LayerNorm's centring
+    leaves it as it is) and on -x, whose difference cancels a bias: [d_model]. A norm without a weight (OLMo's) has
+    gain one."""
     norm = model.bridge.get_submodule(prefix)
+    x = torch.ones(model.config.hidden_size)
+    if getattr(norm.original_component, "weight", None) is None:
+        return x
+    x[1::2] = -1
     force = [(f"{prefix}.hook_scale", lambda scale, point: torch.ones_like(scale))]
     with attach(model, force, tree="bridge"), torch.no_grad(), warnings.catch_warnings():
         # forcing the scale is the point: TransformerLens warns that a hook edited the norm
         warnings.filterwarnings("ignore", message="A forward hook edited hook_scale", category=UserWarning)
-        return norm(torch.ones(1, 1, model.config.hidden_size)).flatten()
+        difference = (norm(x[None, None]) - norm(-x[None, None])).flatten()
+    return difference / 2 * x.to(difference.device)
 
 
 def _is_rms(cache, prefix: str) -> bool:
