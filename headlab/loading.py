@@ -9,6 +9,7 @@ TransformerLens bridges). Only safetensors and GGUF are read, never a pickle.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -69,6 +70,27 @@ def models() -> list[dict]:
     return rows
 
 
+def load_tokenizer(source, given=None, **kwargs):
+    """`given`, else `AutoTokenizer.from_pretrained(source, **kwargs)`. Loaders call this before reading weights:
+    parsing a large vocabulary (Gemma3's 262k tokens and 515k merges) allocates several times what the tokenizer
+    keeps, and the freed heap is handed back to the system before the weights arrive, so the two peaks do not add."""
+    if given is not None:
+        return given
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    release_freed_heap()
+    return tokenizer
+
+
+def release_freed_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; nothing elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
@@ -105,7 +127,7 @@ class Placement:
         return hf.to(self.device) if self.device is not None else hf
 
 
-def _load_spec(spec: ModelSpec, placement: Placement):
+def _load_spec(spec: ModelSpec, placement: Placement, tokenizer=None):
     """(hf_model, tokenizer, source, cached) of a registry model: a GGUF model is dequantized once into the cache,
     and every load reads the cached safetensors straight into the placement's dtype and devices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BertForMaskedLM
@@ -113,10 +135,11 @@ def _load_spec(spec: ModelSpec, placement: Placement):
     if not spec.gguf:
         folder = spec.locate_source(spec)
         spec.package_dir()
+        tokenizer = load_tokenizer(folder, tokenizer)
         torch.manual_seed(0)  # the checkpoint has no MLM head: its (unused) weights are seeded
         hf = placement.pretrained(BertForMaskedLM, folder)
         hf.config.architectures = list(spec.architectures)
-        return hf, AutoTokenizer.from_pretrained(folder), str(folder), True
+        return hf, tokenizer, str(folder), True
 
     source_sha = spec.source_sha256()
     entry = cached_dir(spec, source_sha)
@@ -127,14 +150,15 @@ def _load_spec(spec: ModelSpec, placement: Placement):
         source = spec.locate_source(spec)
         log.info("dequantizing %s once (cached afterwards in %s)", source, entry)
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            found = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         hf.config.architectures = list(spec.architectures)
-        write_cache_entry(entry, hf, tokenizer, {"model": spec.name, "source": str(source),
-                                                 "source_sha256": source_sha})
-        del hf  # the fp32 copy goes before the cached weights are read in the asked dtype
+        write_cache_entry(entry, hf, found, {"model": spec.name, "source": str(source),
+                                             "source_sha256": source_sha})
+        del hf, found  # the fp32 copy goes before the cached weights are read in the asked dtype
+    tokenizer = load_tokenizer(entry, tokenizer)
     hf = placement.pretrained(AutoModelForCausalLM, entry)
-    return hf, AutoTokenizer.from_pretrained(entry), str(source), cached
+    return hf, tokenizer, str(source), cached
 
 
 class _quiet_transformers:
@@ -175,7 +199,7 @@ def load_model(model, *, tokenizer=None, name: str | None = None, device: str | 
     device_map: for a model bigger than one device, accelerate's map of modules to devices ("auto", "balanced",
     "sequential", or {module name: "cpu" | "cuda:N" | "mps" | "disk"}); weights mapped to "disk" stay in their
     safetensors file (or are written to `offload_dir`) and are streamed in at each forward.
-    tokenizer: the tokenizer of an in-memory model (default: the bridge's, or the one in the model's folder).
+    tokenizer: use this tokenizer, and read none from the folder (default: the bridge's, or the folder's).
     name: what reports call the model (default: the name or path given; for an in-memory model its
     config's name or path, else its class).
     """
@@ -194,11 +218,11 @@ def load_model(model, *, tokenizer=None, name: str | None = None, device: str | 
     placement = Placement(check_dtype(dtype), check_device(device), check_device_map(device_map), offload_dir)
     if text in REAL_MODELS:
         spec = REAL_MODELS[text]
-        hf, found, source, cached = _load_spec(spec, placement)
+        hf, found, source, cached = _load_spec(spec, placement, tokenizer)
         hf_name = spec.hf_name
     elif text in PACKAGED_MODELS:
         folder = packaged_model_dir(text)
-        hf, found = _load_local(folder, placement)
+        hf, found = _load_local(folder, placement, tokenizer)
         source, cached, hf_name = str(folder), True, str(folder)
     elif text in TINY_BUILDERS:
         hf, found = tiny_model(text)
@@ -206,10 +230,11 @@ def load_model(model, *, tokenizer=None, name: str | None = None, device: str | 
         source, cached, hf_name = "random (seed 0)", True, text
     elif _exists(text):
         path = Path(text).resolve()
-        hf, found = _load_gguf_file(path, placement) if path.is_file() else _load_local(path, placement)
+        hf, found = (_load_gguf_file(path, placement, tokenizer) if path.is_file()
+                     else _load_local(path, placement, tokenizer))
         source, cached, hf_name = str(path), True, str(path)
     else:
-        hf, found = _load_hub(text, placement)
+        hf, found = _load_hub(text, placement, tokenizer)
         source, cached, hf_name = f"hub:{text}", False, text
     info = LoadInfo(source=source, cached=cached, seconds=time.perf_counter() - start, peak_rss_gb=_peak_rss_gb())
     return HeadModel(name or text, hf, tokenizer if tokenizer is not None else found, hf_name=hf_name,
@@ -332,14 +357,14 @@ def _auto_class(config):
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def _load_local(folder: Path, placement: Placement):
+def _load_local(folder: Path, placement: Placement, tokenizer=None):
     """A Hugging Face folder: config.json and safetensors weights (a GGUF file inside is read too)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
-            return _load_gguf_file(ggufs[0], placement)
+            return _load_gguf_file(ggufs[0], placement, tokenizer)
         raise InputError(f"{folder} is not a model folder: it has no config.json (a Hugging Face folder has "
                          "config.json, tokenizer files and model.safetensors)")
     if not any(folder.glob("*.safetensors")):
@@ -348,29 +373,31 @@ def _load_local(folder: Path, placement: Placement):
             raise InputError(f"{folder} holds only pickled weights ({', '.join(pickled[:3])}); headlab reads "
                              "safetensors or GGUF only: save the model with save_pretrained(safe_serialization=True)")
         raise InputError(f"{folder} has a config.json but no weights; put model.safetensors in it")
-    hf = placement.pretrained(_auto_class(AutoConfig.from_pretrained(folder)), folder)
-    return hf, AutoTokenizer.from_pretrained(folder)
+    hf_class = _auto_class(AutoConfig.from_pretrained(folder))
+    tokenizer = load_tokenizer(folder, tokenizer)
+    return placement.pretrained(hf_class, folder), tokenizer
 
 
-def _load_gguf_file(path: Path, placement: Placement):
+def _load_gguf_file(path: Path, placement: Placement, tokenizer=None):
     """A GGUF file, dequantized to fp32 by transformers, then converted and placed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if path.suffix != ".gguf":
         raise InputError(f"{path} is neither a model folder nor a .gguf file; headlab reads safetensors or GGUF")
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = load_tokenizer(path.parent, tokenizer, gguf_file=path.name)
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return placement.built(hf), tokenizer
 
 
-def _load_hub(name: str, placement: Placement):
+def _load_hub(name: str, placement: Placement, tokenizer=None):
     """A model from the Hugging Face hub: checked to exist (one quick request) before anything is downloaded."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     check_model_name(name)
-    hf = placement.pretrained(_auto_class(AutoConfig.from_pretrained(name)), name)
-    return hf, AutoTokenizer.from_pretrained(name)
+    hf_class = _auto_class(AutoConfig.from_pretrained(name))
+    tokenizer = load_tokenizer(name, tokenizer)
+    return placement.pretrained(hf_class, name), tokenizer
 
 
 def check_model_name(name: str) -> None:

@@ -4,8 +4,10 @@ and one of every supported model type from its transformers config class (`tiny_
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 
 import torch
@@ -32,6 +34,7 @@ SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>", "<unk>"]
 def tokenizer_dir(kind: str) -> str:
     """A folder holding the "byte" or "words" tokenizer (TransformerLens reloads tokenizers from their folder)."""
     folder = tempfile.mkdtemp(prefix=f"headlab-{kind}-tokenizer-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     {"byte": _byte_tokenizer, "words": shapes_word_tokenizer}[kind]().save_pretrained(folder)
     return folder
 

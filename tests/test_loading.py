@@ -95,6 +95,18 @@ def test_a_transformer_lens_bridge(folder, reference):
     assert torch.equal(headlab.HeadModel("direct", bridge).logits(tokens), reference.logits(tokens))
 
 
+def test_a_given_tokenizer_is_used_and_the_folders_is_not_read(folder, reference, tmp_path, monkeypatch):
+    """A folder of weights without tokenizer files loads with `tokenizer=`; with one, no tokenizer is read at all."""
+    weights_only = tmp_path / "weights-only"
+    reference.hf.save_pretrained(weights_only)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = headlab.load_model(weights_only, tokenizer=tokenizer)
+    assert model.tokenizer is tokenizer
+    same_answers(model, reference)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: pytest.fail("a tokenizer was read"))
+    assert headlab.load_model(folder, tokenizer=tokenizer).tokenizer is tokenizer
+
+
 def test_a_folder_loads_straight_into_the_dtype_with_the_numbers_of_a_conversion(folder, reference):
     """Reading fp32 safetensors into bf16 rounds each weight as converting the fp32 model does: the same numbers."""
     model = headlab.load_model(folder, dtype="bfloat16")
