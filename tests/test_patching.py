@@ -4,11 +4,14 @@ import pandas as pd
 import pytest
 import torch
 from headlab.probes import patching as P
+from headlab.probes.patching import methods
 from planted import INDUCTION_HEAD, PREVIOUS_TOKEN_HEAD, induction_model
 from tolerances import assert_within, depth_bound
 from transformer_lens import patching as tl
 
+import headlab
 from headlab.errors import InputError, NoSignalError
+from headlab.tiny import tiny_family
 
 TL_FUNCTIONS = [  # (ours: component, over) -> TransformerLens' function
     ("resid_pre", None, tl.get_act_patch_resid_pre),
@@ -198,6 +201,37 @@ def test_direct_logit_attribution_adds_up_to_the_logit_difference(name, request)
         logits = model.bridge(tokens)[:, -1]
     assert float(parts["logit"]) == pytest.approx(float((logits[[0, 1], [10, 20]] - logits[[0, 1], [30, 40]]).mean()),
                                                   abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2"])
+def test_direct_logit_attribution_under_a_layernorm(model_type, monkeypatch):
+    """Pythia's and GPT-2's final LayerNorm: each part centred and read out with the run's scale, the norm's bias read
+    out once, add up to the logit difference. With a random gain and bias on the norm and embeddings off centre (as
+    trained residual streams are), dropping either the centring or the bias misses it by far more than the bound
+    (1e-4, as above: fp32 sums of order-one terms)."""
+    hf, tokenizer = tiny_family(model_type)
+    final = {"gpt_neox": lambda: hf.gpt_neox.final_layer_norm, "gpt2": lambda: hf.transformer.ln_f}[model_type]()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        final.weight.copy_(1 + torch.rand(final.weight.shape, generator=generator))
+        final.bias.copy_(torch.randn(final.bias.shape, generator=generator))
+        hf.get_input_embeddings().weight.add_(1.0)
+    model = headlab.load_model(hf, tokenizer=tokenizer, name=f"tiny-{model_type}")
+    tokens = model.to_tokens(["the quick brown fox jumps", "over the lazy dog, twice!"])
+    answer, wrong = torch.tensor([10, 20]), torch.tensor([30, 40])
+    parts = P.direct_logit_attribution(model, tokens, answer, wrong)
+    with torch.no_grad():
+        logits = model.hf(input_ids=tokens).logits[:, -1]
+    expected = float((logits[[0, 1], answer] - logits[[0, 1], wrong]).mean())
+    assert float(parts["logit"]) == pytest.approx(expected, abs=1e-5)
+    assert float(parts["total"]) == pytest.approx(expected, abs=1e-4)
+    assert abs(float(parts["bias"])) > 1e-2  # the norm's bias is read out, not lost
+    with monkeypatch.context() as patch:
+        patch.setattr(methods, "norm_kind", lambda cache, prefix: "rms")  # no centring
+        assert abs(float(P.direct_logit_attribution(model, tokens, answer, wrong)["total"]) - expected) > 1e-2
+    gain_only = methods.norm_affine(model, "ln_final")[0]
+    monkeypatch.setattr(methods, "norm_affine", lambda model, prefix: (gain_only, torch.zeros_like(gain_only)))
+    assert abs(float(P.direct_logit_attribution(model, tokens, answer, wrong)["total"]) - expected) > 1e-2
 
 
 def test_direct_logit_attribution_of_the_planted_head():

@@ -186,26 +186,38 @@ def _patch_hook(targets: list[tuple], sources: list[tuple], source: torch.Tensor
 # what each head writes into the residual stream
 
 def norm_gain(model, prefix: str) -> torch.Tensor:
-    """The elementwise gain of the bridge's norm at `prefix` (e.g. "ln_final"): what it multiplies x / scale by, read
-    by running the norm with its hook_scale forced to 1 on x = +-1 alternating (mean 0, so a LayerNorm's centring
-    leaves it as it is) and on -x, whose difference cancels a bias: [d_model]. A norm without a weight (OLMo's) has
-    gain one."""
+    """The elementwise gain of the bridge's norm at `prefix` (e.g. "ln_final"): what it multiplies x / scale by:
+    [d_model]. A norm without a weight (OLMo's) has gain one."""
+    return norm_affine(model, prefix)[0]
+
+
+def norm_affine(model, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gain, bias) of the bridge's norm at `prefix`, each [d_model]: norm(x) = gain * normalised(x) + bias. Read by
+    running the norm with its hook_scale forced to 1 on x = +-1 alternating (mean 0, so a LayerNorm's centring leaves
+    it as it is) and on -x: half their difference is the gain times x, half their sum the bias."""
     norm = model.bridge.get_submodule(prefix)
     x = torch.ones(model.config.hidden_size)
-    if getattr(norm.original_component, "weight", None) is None:
-        return x
+    if getattr(norm.original_component, "weight", None) is None and getattr(norm.original_component, "bias",
+                                                                            None) is None:
+        return x, torch.zeros_like(x)
     x[1::2] = -1
     force = [(f"{prefix}.hook_scale", lambda scale, point: torch.ones_like(scale))]
     with attach(model, force, tree="bridge"), torch.no_grad(), warnings.catch_warnings():
         # forcing the scale is the point: TransformerLens warns that a hook edited the norm
         warnings.filterwarnings("ignore", message="A forward hook edited hook_scale", category=UserWarning)
-        difference = (norm(x[None, None]) - norm(-x[None, None])).flatten()
-    return difference / 2 * x.to(difference.device)
+        plus, minus = (norm(sign * x[None, None]).flatten() for sign in (1, -1))
+    return (plus - minus) / 2 * x.to(plus.device), (plus + minus) / 2
 
 
-def _is_rms(cache, prefix: str) -> bool:
+def norm_kind(cache, prefix: str) -> str | None:
+    """How the norm at `prefix` normalised x in this run, read from its hooks: "rms" (x / scale), "layernorm"
+    ((x - mean x) / scale), or None (neither)."""
     x, scale, normed = (cache[f"{prefix}.{h}"] for h in ("hook_in", "hook_scale", "hook_normalized"))
-    return bool(torch.allclose(x / scale, normed, rtol=1e-4, atol=1e-5))
+    if torch.allclose(x / scale, normed, rtol=1e-4, atol=1e-5):
+        return "rms"
+    if torch.allclose((x - x.mean(-1, keepdim=True)) / scale, normed, rtol=1e-4, atol=1e-5):
+        return "layernorm"
+    return None
 
 
 def write_names(model, layer: int) -> list[str]:
@@ -226,7 +238,7 @@ def head_writes(model, cache, layer: int) -> Float[torch.Tensor, "batch pos head
     writes = torch.einsum("bphd,hdm->bphm", z, block.attn.W_O.detach())
     prefix = model.architecture.bridge_post_attention_norm_name(layer)
     if prefix is not None:
-        if not _is_rms(cache, prefix):
+        if norm_kind(cache, prefix) != "rms":
             raise UnsupportedModelError(f"{model.name}: the post-attention norm of layer {layer} is not RMS-type; "
                              "per-head writes are not defined")
         writes = writes / cache[f"{prefix}.hook_scale"].unsqueeze(2) * norm_gain(model, prefix)
@@ -404,8 +416,10 @@ def edge_attribution(model, clean, corrupted, *, metric: Metric | None = None, a
 @torch.no_grad()
 def direct_logit_attribution(model, tokens, answer, wrong=None, pos: int = -1) -> dict[str, torch.Tensor]:
     """Each component's direct contribution to logit[answer] (- logit[wrong]) at `pos`, with the final norm's
-    scale taken from the run (so the parts add up to the logit, or logit difference, exactly).
-    Returns "heads": [layer, head], "mlp": [layer], "embed", "bias" (unembedding bias), "total" (their sum) and
+    scale taken from the run (so the parts add up to the logit, or logit difference, exactly); under a LayerNorm each
+    part is centred first, as the norm centres their sum.
+    Returns "heads": [layer, head], "mlp": [layer], "attn_bias" (what the attention blocks write beside their heads):
+    [layer], "embed", "bias" (the unembedding's and the final norm's biases, read out), "total" (their sum) and
     "logit" (the model's), each averaged over the batch."""
     tokens = model.as_tokens(tokens)
     L = model.n_layers
@@ -413,9 +427,10 @@ def direct_logit_attribution(model, tokens, answer, wrong=None, pos: int = -1) -
         hook_name("attn_out", l) for l in range(L)] + [
         "blocks.0.hook_resid_pre", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_normalized"]
     logits, cache = run_with_cache(model, tokens, names)
-    if not _is_rms(cache, "ln_final"):
-        raise UnsupportedModelError(f"{model.name}: the final norm is not RMS-type (x / scale); direct logit attribution "
-                         "here assumes it")
+    centre = {"rms": False, "layernorm": True}.get(norm_kind(cache, "ln_final"))
+    if centre is None:
+        raise UnsupportedModelError(f"{model.name}: the final norm is neither an RMS norm nor a LayerNorm; direct logit "
+                                    "attribution needs one of them")
     answer = torch.as_tensor(answer).reshape(-1).expand(tokens.shape[0])
     W_U = model.bridge.unembed.W_U.detach()
     direction = W_U[:, answer].T  # [batch, d_model]
@@ -427,11 +442,13 @@ def direct_logit_attribution(model, tokens, answer, wrong=None, pos: int = -1) -
         direction = direction - W_U[:, wrong].T
         bias = bias - (b_U[wrong] if b_U is not None else 0)
         label = label - logits[torch.arange(len(wrong)), pos, wrong]
-    gain = norm_gain(model, "ln_final")
+    gain, norm_bias = norm_affine(model, "ln_final")
     readout = direction * gain / cache["ln_final.hook_scale"][:, pos]  # [batch, d_model]
+    bias = bias + direction @ norm_bias
 
     def read(x):  # x: [batch, pos, ..., d_model] -> [...], averaged over the batch
-        return torch.einsum("b...m,bm->b...", x[:, pos], readout).mean(0)
+        x = x[:, pos]
+        return torch.einsum("b...m,bm->b...", x - x.mean(-1, keepdim=True) if centre else x, readout).mean(0)
 
     heads = torch.stack([read(head_writes(model, cache, l)) for l in range(L)])
     mlp = torch.stack([read(cache[hook_name("mlp_out", l)]) for l in range(L)])
