@@ -211,7 +211,8 @@ def _child(module: nn.Module, names: tuple[str, ...], family: str) -> nn.Module:
 
 class Llama(Architecture):
     family = "Llama"
-    model_types = ("llama", "granite", "smollm3", "olmo", "qwen2", "qwen2_moe")
+    model_types = ("llama", "granite", "granitemoe", "smollm3", "olmo", "qwen2", "qwen2_moe", "arcee", "seed_oss",
+                   "nemotron")
 
 
 class Mistral(Architecture):
@@ -249,11 +250,43 @@ class Gemma3(Gemma2):
 class Olmo2(Architecture):
     """The norms sit after attention and MLP; q and k are normed over all heads at once."""
 
-    family = "OLMo 2"
-    model_types = ("olmo2",)
+    family = "OLMo 2 / OLMo 3"
+    model_types = ("olmo2", "olmo3")
     qk_norm = "whole"
     post_attention_norm_name = "post_attention_layernorm"
     bridge_post_attention_norm = "ln1_post"
+
+
+class Exaone4(Architecture):
+    """EXAONE 4: the norms sit after attention and MLP, as in OLMo 2; q and k are normed per head, heads first."""
+
+    family = "EXAONE 4"
+    model_types = ("exaone4",)
+    qk_norm = "heads_first"
+    post_attention_norm_name = "post_attention_layernorm"
+    bridge_post_attention_norm = "ln1_post"
+
+
+class Apertus(Architecture):
+    family = "Apertus"
+    model_types = ("apertus",)
+    qk_norm = "heads_first"
+
+
+class Glm(Architecture):
+    """RoPE on part of each head (partial_rotary_factor), in interleaved pairs."""
+
+    family = "GLM"
+    model_types = ("glm",)
+    rotary_layout = "interleaved"
+
+
+class Ernie45(Architecture):
+    """RoPE in interleaved pairs."""
+
+    family = "ERNIE 4.5"
+    model_types = ("ernie4_5",)
+    rotary_layout = "interleaved"
 
 
 class Olmoe(Architecture):
@@ -324,10 +357,11 @@ class OPT(Architecture):
 
 
 class GPT2(Architecture):
-    """GPT-2: one fused projection (c_attn, a Conv1D) gives q | k | v; learned absolute positions."""
+    """GPT-2: one fused projection (c_attn, a Conv1D) gives q | k | v; learned absolute positions. GPTBigCode
+    (StarCoder, SantaCoder): the same with a Linear c_attn whose k and v are one shared head (multi-query)."""
 
-    family = "GPT-2"
-    model_types = ("gpt2",)
+    family = "GPT-2 / GPTBigCode"
+    model_types = ("gpt2", "gpt_bigcode")
 
 
 class Bert(Architecture):
@@ -343,8 +377,9 @@ class Bert(Architecture):
         return self.layers()[layer].attention.output.dense
 
 
-FAMILIES: tuple[type[Architecture], ...] = (Llama, Mistral, Qwen3, Gemma, Gemma2, Gemma3, Olmo2, Olmoe, Phi3, Phi,
-                                            StableLM, GptOss, GPTNeoX, GPTJ, OPT, GPT2, Bert)
+FAMILIES: tuple[type[Architecture], ...] = (Llama, Mistral, Qwen3, Gemma, Gemma2, Gemma3, Olmo2, Exaone4, Apertus,
+                                            Glm, Ernie45, Olmoe, Phi3, Phi, StableLM, GptOss, GPTNeoX, GPTJ, OPT, GPT2,
+                                            Bert)
 MULTIMODAL = ("llava",)  # a vision tower and projector around a language model of one of the families
 REFUSED = {  # model types headlab cannot read heads from, with the reason
     **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2"), "its multi-head latent attention compresses keys and "

@@ -185,6 +185,16 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "gpt2": {},
     "bert": {},
+    "granitemoe": {**_GQA, **_EXPERTS, "attention_multiplier": 0.2, "residual_multiplier": 0.5},
+    "arcee": _GQA,
+    "seed_oss": {**_GQA, "attention_bias": True},
+    "nemotron": {**_GQA, "partial_rotary_factor": 0.5},
+    "olmo3": {**_GQA, **_WINDOW},
+    "exaone4": {**_GQA, **_WINDOW},
+    "apertus": _GQA,
+    "glm": {**_GQA, "partial_rotary_factor": 0.5},
+    "ernie4_5": _GQA,
+    "gpt_bigcode": {"multi_query": True},
 }
 
 

@@ -96,7 +96,7 @@ def test_an_unknown_family_is_refused_naming_the_supported_ones():
     from transformers import BloomConfig, BloomForCausalLM
 
     bloom = BloomForCausalLM(BloomConfig(vocab_size=260, hidden_size=32, n_layer=1, n_head=4))
-    with pytest.raises(UnsupportedModelError, match="'bloom' yet; it supports bert, gemma, .*gpt_neox, .*gpt_oss"):
+    with pytest.raises(UnsupportedModelError, match="'bloom' yet; it supports apertus, .*bert, .*gpt_neox, .*gpt_oss"):
         HeadModel("bloom", bloom, byte_tokenizer())
 
 
@@ -134,7 +134,8 @@ def test_a_wrong_layout_shows_other_tensors(model_type, wrong, monkeypatch):
     assert sites_differ(model) != []
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "phi", "stablelm", "opt", "gpt2", "qwen3", "olmo2"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "phi", "stablelm", "opt", "gpt2", "qwen3", "olmo2",
+                                        "nemotron", "glm", "ernie4_5", "apertus", "exaone4", "olmo3", "gpt_bigcode"])
 def test_pre_rope_q_and_k_are_what_the_attention_function_rotates(model_type):
     """The q and k the hooks show before RoPE (after the q/k norm where the family has one) are the attention
     function's q and k at position 0 (no rotation there) and, past the rotary dimensions of a partial rotary, at
@@ -168,7 +169,7 @@ def _rotary_dims(model) -> int:
         return config.rotary_dim
     fraction = getattr(config, "rotary_pct", None) or getattr(config, "partial_rotary_factor", None) \
         or (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor")
-    return int(d * fraction) if fraction else (0 if model.architecture.family in ("OPT", "GPT-2") else d)
+    return int(d * fraction) if fraction else (0 if model.architecture.family in ("OPT", "GPT-2 / GPTBigCode") else d)
 
 
 def test_a_parallel_family_has_no_resid_mid():
