@@ -355,6 +355,12 @@ class OPT(Architecture):
     family = "OPT"
     model_types = ("opt",)
 
+    def __init__(self, hf: nn.Module, multimodal: bool = False):
+        super().__init__(hf, multimodal)
+        if not getattr(self.config, "do_layer_norm_before", True):
+            raise UnsupportedModelError("headlab does not support post-norm OPT (do_layer_norm_before=False, as in "
+                                        "OPT-350M): it has no final norm, which TransformerLens' bridge needs")
+
 
 class GPT2(Architecture):
     """GPT-2: one fused projection (c_attn, a Conv1D) gives q | k | v; learned absolute positions. GPTBigCode
@@ -377,9 +383,11 @@ class Bert(Architecture):
         return self.layers()[layer].attention.output.dense
 
 
-FAMILIES: tuple[type[Architecture], ...] = (Llama, Mistral, Qwen3, Gemma, Gemma2, Gemma3, Olmo2, Exaone4, Apertus,
-                                            Glm, Ernie45, Olmoe, Phi3, Phi, StableLM, GptOss, GPTNeoX, GPTJ, OPT, GPT2,
-                                            Bert)
+def _subclasses(base: type[Architecture]) -> list[type[Architecture]]:
+    return [family for sub in base.__subclasses__() for family in (sub, *_subclasses(sub))]
+
+
+FAMILIES: tuple[type[Architecture], ...] = tuple(_subclasses(Architecture))  # every adapter defined above
 MULTIMODAL = ("llava",)  # a vision tower and projector around a language model of one of the families
 REFUSED = {  # model types headlab cannot read heads from, with the reason
     **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2"), "its multi-head latent attention compresses keys and "

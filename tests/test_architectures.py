@@ -92,6 +92,15 @@ def test_stablelm_with_q_k_norms_is_refused():
         HeadModel("stablelm", StableLmForCausalLM(config), byte_tokenizer())
 
 
+def test_post_norm_opt_is_refused():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
+                       word_embed_proj_dim=32, do_layer_norm_before=False)
+    with pytest.raises(UnsupportedModelError, match="post-norm OPT"):
+        HeadModel("opt", OPTForCausalLM(config), byte_tokenizer())
+
+
 def test_an_unknown_family_is_refused_naming_the_supported_ones():
     from transformers import BloomConfig, BloomForCausalLM
 
