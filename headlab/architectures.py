@@ -63,6 +63,10 @@ class Architecture:
     # rotate_half) or "interleaved" (2i with 2i + 1, GPT-J); and whether the rotary module returns (sin, cos)
     rotary_layout: ClassVar[str] = "halves"
     rotary_sin_first: ClassVar[bool] = False
+    # where the rotary module's output holds each pair's angle: "first_half" (the first rotary_dims / 2 features:
+    # transformers' angles concatenated with themselves, or given once as by gpt-oss and GPT-J) or "repeated" (each
+    # angle twice in a row, Cohere)
+    rotary_angles: ClassVar[str] = "first_half"
 
     def __init__(self, hf: nn.Module, multimodal: bool = False):
         self.hf = hf
@@ -164,6 +168,17 @@ class Architecture:
             return 0
         rope = getattr(self.config, "rope_parameters", None) or {}
         return int(self.d_head * rope.get("partial_rotary_factor", 1.0))
+
+    @property
+    def logit_multiplier(self) -> float:
+        """The constant the model multiplies its unembedding's output by: Granite's 1 / logits_scaling, Cohere's
+        logit_scale, 1 elsewhere."""
+        return getattr(self.config, "logit_scale", None) or 1 / (getattr(self.config, "logits_scaling", None) or 1)
+
+    @property
+    def final_softcap(self) -> float | None:
+        """Gemma 2's cap on the final logits (cap * tanh(logit / cap)), None where there is none."""
+        return getattr(self.config, "final_logit_softcapping", None)
 
     def o(self, layer: int) -> nn.Module:
         """The output projection: its input is z [batch, pos, heads * d], the heads' outputs before W_O."""
@@ -287,6 +302,21 @@ class Ernie45(Architecture):
     family = "ERNIE 4.5"
     model_types = ("ernie4_5",)
     rotary_layout = "interleaved"
+
+
+class Cohere(Architecture):
+    """Command R: attention and MLP in parallel; RoPE in interleaved pairs, each angle repeated in place; q and k
+    normed per head (heads last) where the model has those norms (Cohere's use_qk_norm)."""
+
+    family = "Cohere"
+    model_types = ("cohere", "cohere2")
+    parallel_attention_mlp = True
+    rotary_layout = "interleaved"
+    rotary_angles = "repeated"
+
+    @property
+    def qk_norm(self) -> str | None:
+        return "heads_last" if hasattr(self.attention(0), "q_norm") else None
 
 
 class Olmoe(Architecture):

@@ -195,6 +195,8 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "glm": {**_GQA, "partial_rotary_factor": 0.5},
     "ernie4_5": _GQA,
     "gpt_bigcode": {"multi_query": True},
+    "cohere": {**_GQA, "logit_scale": 0.25, "use_qk_norm": True},
+    "cohere2": {**_GQA, **_WINDOW},
 }
 
 

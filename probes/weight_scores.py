@@ -158,8 +158,10 @@ def rotary_of(model, layer: int, positions: torch.Tensor) -> Rotary | None:
         kwargs["layer_type"] = arch.config.layer_types[layer]
     first, second = module(x, positions[None].to(model.device), **kwargs)
     cos, sin = (second, first) if arch.rotary_sin_first else (first, second)
-    # one angle per pair: transformers repeats the rotate_half angles over both halves; gpt-oss and GPT-J give each once
-    cos, sin = cos[0, :, :rot // 2].double().cpu(), sin[0, :, :rot // 2].double().cpu()
+    # one angle per pair: transformers repeats the rotate_half angles over both halves (gpt-oss and GPT-J give each
+    # once), Cohere repeats each in place
+    angles = slice(0, rot, 2) if arch.rotary_angles == "repeated" else slice(0, rot // 2)
+    cos, sin = cos[0, :, angles].double().cpu(), sin[0, :, angles].double().cpu()
     pairs = torch.arange(rot // 2)
     lead, follow = (2 * pairs, 2 * pairs + 1) if arch.rotary_layout == "interleaved" else (pairs, pairs + rot // 2)
     full_cos = torch.ones(len(positions), d, dtype=torch.float64)

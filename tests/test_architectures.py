@@ -144,7 +144,8 @@ def test_a_wrong_layout_shows_other_tensors(model_type, wrong, monkeypatch):
 
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "phi", "stablelm", "opt", "gpt2", "qwen3", "olmo2",
-                                        "nemotron", "glm", "ernie4_5", "apertus", "exaone4", "olmo3", "gpt_bigcode"])
+                                        "nemotron", "glm", "ernie4_5", "apertus", "exaone4", "olmo3", "gpt_bigcode",
+                                        "cohere", "cohere2"])
 def test_pre_rope_q_and_k_are_what_the_attention_function_rotates(model_type):
     """The q and k the hooks show before RoPE (after the q/k norm where the family has one) are the attention
     function's q and k at position 0 (no rotation there) and, past the rotary dimensions of a partial rotary, at

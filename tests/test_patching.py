@@ -11,7 +11,7 @@ from transformer_lens import patching as tl
 
 import headlab
 from headlab.errors import InputError, NoSignalError
-from headlab.tiny import tiny_family
+from headlab.tiny import FAMILY_CONFIGS, tiny_family
 
 TL_FUNCTIONS = [  # (ours: component, over) -> TransformerLens' function
     ("resid_pre", None, tl.get_act_patch_resid_pre),
@@ -201,6 +201,32 @@ def test_direct_logit_attribution_adds_up_to_the_logit_difference(name, request)
         logits = model.bridge(tokens)[:, -1]
     assert float(parts["logit"]) == pytest.approx(float((logits[[0, 1], [10, 20]] - logits[[0, 1], [30, 40]]).mean()),
                                                   abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type", [t for t in FAMILY_CONFIGS if t != "bert"])
+def test_direct_logit_attribution_adds_up_on_every_family(model_type, monkeypatch):
+    """On every causal family the parts add up to the logit difference: RMS norms and LayerNorms, sandwich norms,
+    parallel blocks, experts; Granite's and Cohere's constant logit multiplier; under Gemma 2's final softcap, the
+    logit difference before the cap. Bound 1e-4 as above; a family with a multiplier or a cap, read without it,
+    has parts that miss its logit by more."""
+    hf, tokenizer = tiny_family(model_type)
+    model = headlab.load_model(hf, tokenizer=tokenizer, name=f"tiny-{model_type}")
+    tokens = model.to_tokens(["the quick brown fox jumps", "over the lazy dog, twice!"])
+    answer, wrong = torch.tensor([10, 20]), torch.tensor([30, 40])
+    with torch.no_grad():
+        logits = model.hf(input_ids=tokens).logits[:, -1].double()
+    cap = model.architecture.final_softcap
+    if cap:
+        logits = cap * torch.atanh(logits / cap)
+    expected = float((logits[[0, 1], answer] - logits[[0, 1], wrong]).mean())
+    parts = P.direct_logit_attribution(model, tokens, answer, wrong)
+    assert float(parts["logit"]) == pytest.approx(expected, abs=1e-5)
+    assert float(parts["total"]) == pytest.approx(expected, abs=1e-4)
+    if model.architecture.logit_multiplier != 1 or cap:
+        monkeypatch.setattr(type(model.architecture), "logit_multiplier", 1.0)
+        monkeypatch.setattr(type(model.architecture), "final_softcap", None)
+        unscaled = P.direct_logit_attribution(model, tokens, answer, wrong)
+        assert abs(float(unscaled["total"]) - float(unscaled["logit"])) > 1e-3
 
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gpt2"])

@@ -417,7 +417,9 @@ def edge_attribution(model, clean, corrupted, *, metric: Metric | None = None, a
 def direct_logit_attribution(model, tokens, answer, wrong=None, pos: int = -1) -> dict[str, torch.Tensor]:
     """Each component's direct contribution to logit[answer] (- logit[wrong]) at `pos`, with the final norm's
     scale taken from the run (so the parts add up to the logit, or logit difference, exactly); under a LayerNorm each
-    part is centred first, as the norm centres their sum.
+    part is centred first, as the norm centres their sum; a constant multiplier on the logits (Granite, Cohere) is
+    applied to every part; under a final softcap (Gemma 2) the parts add up to the logit before the cap, which is
+    what "logit" is then.
     Returns "heads": [layer, head], "mlp": [layer], "attn_bias" (what the attention blocks write beside their heads):
     [layer], "embed", "bias" (the unembedding's and the final norm's biases, read out), "total" (their sum) and
     "logit" (the model's), each averaged over the batch."""
@@ -427,6 +429,9 @@ def direct_logit_attribution(model, tokens, answer, wrong=None, pos: int = -1) -
         hook_name("attn_out", l) for l in range(L)] + [
         "blocks.0.hook_resid_pre", "ln_final.hook_in", "ln_final.hook_scale", "ln_final.hook_normalized"]
     logits, cache = run_with_cache(model, tokens, names)
+    cap = model.architecture.final_softcap
+    if cap:
+        logits = cap * torch.atanh(logits / cap)
     centre = {"rms": False, "layernorm": True}.get(norm_kind(cache, "ln_final"))
     if centre is None:
         raise UnsupportedModelError(f"{model.name}: the final norm is neither an RMS norm nor a LayerNorm; direct logit "
@@ -442,6 +447,8 @@ def direct_logit_attribution(model, tokens, answer, wrong=None, pos: int = -1) -
         direction = direction - W_U[:, wrong].T
         bias = bias - (b_U[wrong] if b_U is not None else 0)
         label = label - logits[torch.arange(len(wrong)), pos, wrong]
+    multiplier = model.architecture.logit_multiplier
+    direction, bias = direction * multiplier, bias * multiplier
     gain, norm_bias = norm_affine(model, "ln_final")
     readout = direction * gain / cache["ln_final.hook_scale"][:, pos]  # [batch, d_model]
     bias = bias + direction @ norm_bias
