@@ -202,6 +202,12 @@ def _part_spans(call: Call, spans):
     return out
 
 
+def use_fast_path(hf) -> None:
+    """Give `hf` transformers' SDPA attention where it has it (TransformerLens' bridge boots its tree in eager)."""
+    if getattr(hf, "_supports_sdpa", False):
+        hf.set_attn_implementation("sdpa")
+
+
 def handlers() -> tuple[Handler, ...]:
     """The handlers in force here, outermost first."""
     return _stack.get()

@@ -267,6 +267,8 @@ def unbridged(bridge):
     its components into the model it was given; that model keeps serving the bridge)."""
     from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
+    from headlab.attention import use_fast_path
+
     original = bridge.original_model
     shared = {id(t): t for t in list(original.parameters()) + list(original.buffers())}
     hf = copy.deepcopy(original, memo=shared)
@@ -279,8 +281,7 @@ def unbridged(bridge):
             module._modules[name] = child
             if child is not None:
                 stack.append(child)
-    if getattr(hf, "_supports_sdpa", False):  # the bridge forced eager attention on its tree; .hf takes the fast path
-        hf.set_attn_implementation("sdpa")
+    use_fast_path(hf)
     return hf
 
 
