@@ -243,8 +243,8 @@ class Qwen3(Architecture):
 
 
 class Gemma(Architecture):
-    family = "Gemma"
-    model_types = ("gemma",)
+    family = "Gemma / VaultGemma"
+    model_types = ("gemma", "vaultgemma")
 
 
 class Gemma2(Architecture):
@@ -294,6 +294,15 @@ class Glm(Architecture):
     family = "GLM"
     model_types = ("glm",)
     rotary_layout = "interleaved"
+
+
+class Glm4(Glm):
+    """GLM-4: GLM with a norm on the attention output before it joins the residual stream (sandwich norms)."""
+
+    family = "GLM-4"
+    model_types = ("glm4",)
+    post_attention_norm_name = "post_self_attn_layernorm"
+    bridge_post_attention_norm = "ln1_post"
 
 
 class Ernie45(Architecture):
@@ -420,6 +429,9 @@ def _subclasses(base: type[Architecture]) -> list[type[Architecture]]:
 FAMILIES: tuple[type[Architecture], ...] = tuple(_subclasses(Architecture))  # every adapter defined above
 MULTIMODAL = ("llava",)  # a vision tower and projector around a language model of one of the families
 REFUSED = {  # model types headlab cannot read heads from, with the reason
+    **dict.fromkeys(("falcon", "bloom", "mpt", "gpt_neo", "xglm"), "transformers computes its attention inside the "
+                    "model's own attention module, not through the attention functions whose place headlab's "
+                    "attention seam takes, so no head's attention can be read or edited"),
     **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2"), "its multi-head latent attention compresses keys and "
                     "values into one shared latent, so there is no per-head key or value projection to read"),
 }

@@ -117,11 +117,11 @@ def dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     layer = Architecture.layer_index(module)
     handlers = [h for h in _stack.get() if h.covers(layer)]
     sinks = kwargs.pop("s_aux", None)
-    if not handlers and sinks is None:  # nothing to do here: transformers' SDPA, as without headlab
+    if not handlers and sinks is None and softcap is None:  # nothing to do here: transformers' SDPA, as without headlab
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **_optional(sliding_window=sliding_window, softcap=softcap), **kwargs)
+                                      **_optional(sliding_window=sliding_window), **kwargs)
     call = Call(module, layer, query, key, value, attention_mask, scaling, softcap, sliding_window,
                 getattr(module, "is_causal", True), {"dropout": dropout, **kwargs}, sinks=sinks)
     return _run(call, handlers), None
@@ -149,11 +149,11 @@ def sdpa(call: Call) -> torch.Tensor:
     """The call without headlab: transformers' SDPA path for a whole layer, SDPA over the part's keys for a part ->
     [b, n, h, d]. SDPA has neither softcap nor learned sinks: with either, the eager maths (the kernel's logits and
     softmax, masked)."""
-    if call.key_pos is None and call.sinks is None:
+    if call.key_pos is None and call.sinks is None and call.softcap is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(call.module, call.query, call.key, call.value, call.mask, scaling=call.scaling,
-                                      **_optional(sliding_window=call.window, softcap=call.softcap), **call.options)[0]
+                                      **_optional(sliding_window=call.window), **call.options)[0]
     group = call.query.shape[1] // call.key.shape[1]
     keys, values = call.key.repeat_interleave(group, 1), call.value.repeat_interleave(group, 1)
     if call.softcap is None and call.sinks is None:

@@ -197,6 +197,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "gpt_bigcode": {"multi_query": True},
     "cohere": {**_GQA, "logit_scale": 0.25, "use_qk_norm": True},
     "cohere2": {**_GQA, **_WINDOW},
+    "glm4": {**_GQA, "partial_rotary_factor": 0.5},
+    "vaultgemma": {**_GQA, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 16,
+                   "initializer_range": 0.2},
 }
 
 

@@ -102,10 +102,19 @@ def test_post_norm_opt_is_refused():
 
 
 def test_an_unknown_family_is_refused_naming_the_supported_ones():
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    codegen = CodeGenForCausalLM(CodeGenConfig(vocab_size=260, n_embd=32, n_layer=1, n_head=4, rotary_dim=4))
+    with pytest.raises(UnsupportedModelError, match="'codegen' yet; it supports apertus, .*bert, .*gpt_neox, .*gpt_oss"):
+        HeadModel("codegen", codegen, byte_tokenizer())
+
+
+def test_a_family_whose_attention_bypasses_the_seam_is_refused_with_the_reason():
+    """BLOOM computes attention (with ALiBi) inside its own module: headlab's seam would never see a head."""
     from transformers import BloomConfig, BloomForCausalLM
 
     bloom = BloomForCausalLM(BloomConfig(vocab_size=260, hidden_size=32, n_layer=1, n_head=4))
-    with pytest.raises(UnsupportedModelError, match="'bloom' yet; it supports apertus, .*bert, .*gpt_neox, .*gpt_oss"):
+    with pytest.raises(UnsupportedModelError, match="cannot support the model type 'bloom': .*attention seam"):
         HeadModel("bloom", bloom, byte_tokenizer())
 
 
@@ -145,7 +154,7 @@ def test_a_wrong_layout_shows_other_tensors(model_type, wrong, monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "gptj", "phi", "stablelm", "opt", "gpt2", "qwen3", "olmo2",
                                         "nemotron", "glm", "ernie4_5", "apertus", "exaone4", "olmo3", "gpt_bigcode",
-                                        "cohere", "cohere2"])
+                                        "cohere", "cohere2", "glm4", "vaultgemma", "gemma2"])
 def test_pre_rope_q_and_k_are_what_the_attention_function_rotates(model_type):
     """The q and k the hooks show before RoPE (after the q/k norm where the family has one) are the attention
     function's q and k at position 0 (no rotation there) and, past the rotary dimensions of a partial rotary, at
@@ -171,6 +180,24 @@ def test_pre_rope_q_and_k_are_what_the_attention_function_rotates(model_type):
         torch.testing.assert_close(post[..., rotary:], factor * before[..., rotary:], atol=1e-6, rtol=1e-5)
         if rotary:  # RoPE did rotate the rest
             assert not torch.allclose(post[:, 1:, :, :rotary], factor * before[:, 1:, :, :rotary])
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "vaultgemma", "gpt_oss"])
+def test_layers_no_handler_covers_keep_the_familys_softcap_and_sinks(model_type):
+    """With a handler on layer 0 only, layer 1 still caps its logits (Gemma 2, VaultGemma) or adds its learned sinks
+    (gpt-oss): the logits equal the family's own eager attention (fp32, two layers: 1e-4, as the coverage matrix).
+    transformers' SDPA takes neither, so dropping them there would move the logits by more (the cap bends scores of
+    a few units here)."""
+    model = HeadModel(f"tiny-{model_type}", *tiny_family(model_type))
+    tokens = model.to_tokens("the quick brown fox jumps over the lazy dog, twice")
+    previous = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model.hf(input_ids=tokens).logits
+    model.hf.set_attn_implementation(previous)
+    with editing(model, {0: AttentionEdit(lambda q, k, v, out, stats, problem: out)}), torch.no_grad():
+        edited = model.hf(input_ids=tokens).logits
+    torch.testing.assert_close(edited, eager, atol=1e-4, rtol=0)
 
 
 def _rotary_dims(model) -> int:

@@ -64,7 +64,7 @@ def attention_logits_of_one_token(model, n: int) -> tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "phi", "stablelm", "gpt_neox", "gpt_oss",
                                         "gptj", "olmo2", "nemotron", "glm", "ernie4_5", "apertus", "exaone4", "olmo3",
-                                        "cohere", "cohere2"])
+                                        "cohere", "cohere2", "glm4", "vaultgemma"])
 def test_the_positional_kernel_is_the_familys_own_attention_logit(model_type):
     """The probe's kernel for the q and k at one token equals the logits the family's attention computes between
     positions n-1 and n-1-t: partial rotary (the rest of each head passes), gpt-oss's halves with one angle per
