@@ -248,10 +248,12 @@ def scan(model, texts=None, *, progress: bool = True, journal=None, quick: bool 
 
 # ---- ACT calibration ----------------------------------------------------------------------------------------
 
-def _redistribution(on_sinks: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _redistribution(on_sinks: torch.Tensor, beta: float, row_mass: torch.Tensor | float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(factor for sink weights, factor for the other weights) of rows with `on_sinks` mass on the calibrated
-    sinks: sinks keep beta, the rest grows to give the removed mass back; rows with (almost) nothing else stay."""
-    rest = 1 - on_sinks
+    sinks: sinks keep beta, the rest grows to give the removed mass back; rows with (almost) nothing else stay.
+    `row_mass`: what a row's keys hold together (1; less where a learned sink takes part of the row, gpt-oss)."""
+    rest = row_mass - on_sinks
     ok = rest > STABLE
     return torch.where(ok, beta, 1.0), torch.where(ok, (rest + (1 - beta) * on_sinks) / rest.clamp(min=STABLE), 1.0)
 
@@ -259,10 +261,11 @@ def _redistribution(on_sinks: torch.Tensor, beta: float) -> tuple[torch.Tensor, 
 def calibrate_pattern(
     pattern: Float[torch.Tensor, "b h nq nk"], *, alpha: float = ALPHA, beta: float = BETA,
     min_queries: int = MIN_QUERIES, causal: bool = True, window: int | None = None,
-    heads: list[int] | None = None,
+    heads: list[int] | None = None, learned_sinks: bool = False,
 ) -> Float[torch.Tensor, "b h nq nk"]:
     """ACT on full attention patterns (the hook path and the reference): in `heads` (default all), every
-    non-initial sink keeps beta of its attention; the rest of the row is scaled to give the mass back."""
+    non-initial sink keeps beta of its attention; the rest of the row is scaled to give the mass back.
+    learned_sinks: rows sum to less than 1 (gpt-oss); each keeps the mass it had on its keys."""
     _check(alpha, beta, min_queries)
     mean, seeing = mean_received(pattern.sum(-2), pattern.shape[-2], causal, window)
     sinks = sink_mask(mean, seeing, alpha, min_queries)
@@ -271,13 +274,15 @@ def calibrate_pattern(
         chosen[heads] = True
         sinks &= chosen[None, :, None]
     sinks = sinks[:, :, None, :]  # [b, h, 1, nk]
-    keep, scale = _redistribution((pattern * sinks).sum(-1, keepdim=True), beta)
+    row_mass = pattern.sum(-1, keepdim=True) if learned_sinks else 1.0
+    keep, scale = _redistribution((pattern * sinks).sum(-1, keepdim=True), beta, row_mass)
     return torch.where(sinks, pattern * keep, pattern * scale)
 
 
 def _calibrated_output(heads: list[int], alpha: float, beta: float, min_queries: int):
     """ACT on the fast path: z' = c z + (beta - c) sum_{j in sinks} p_j v_j with c = (1 - beta S) / (1 - S),
-    S the row's mass on the sinks; p_j recomputed for the sink keys only from the saved LSE (O(n x sinks))."""
+    S the row's mass on the sinks; p_j recomputed for the sink keys only from the saved LSE (O(n x sinks)). With
+    learned sinks (gpt-oss) a row's keys hold 1 - its learned sink's weight, and the 1s above are that."""
 
     def apply(q, k, v, out, stats, problem):
         b, h, n_q, d = q.shape
@@ -294,7 +299,8 @@ def _calibrated_output(heads: list[int], alpha: float, beta: float, min_queries:
         scores = problem.logits(torch.einsum("bhqd,bhkd->bhqk", q.float(), k_s))
         visible = visible_keys(torch.arange(n_k - n_q, n_k, device=q.device), keys, problem.causal, problem.window)
         p = torch.exp(scores - stats.lse[..., None]) * (visible & sinks[:, :, None, keys])
-        keep, c = _redistribution(p.sum(-1, keepdim=True), beta)
+        row_mass = 1.0 if stats.sink_mass is None else (1 - stats.sink_mass)[..., None]
+        keep, c = _redistribution(p.sum(-1, keepdim=True), beta, row_mass)
         calibrated = c * out.float() + (keep - c) * (p @ v_s)
         return calibrated.to(out.dtype)
 
@@ -315,7 +321,8 @@ def calibrate(model, heads, alpha: float = ALPHA, beta: float = BETA, min_querie
         if model.is_causal:  # TransformerLens' BERT bridge ignores hook_pattern edits: encoders use `.hf` only
             def rewrite(pattern, point):
                 return calibrate_pattern(pattern, alpha=alpha, beta=beta, min_queries=min_queries, causal=True,
-                                         window=model.sliding_window(point.layer), heads=layers[point.layer])
+                                         window=model.sliding_window(point.layer), heads=layers[point.layer],
+                                         learned_sinks=model.architecture.learned_sinks)
             stack.enter_context(attach(model, [(hook_name("pattern", layer), rewrite) for layer in layers],
                                        tree="bridge"))
         yield

@@ -67,6 +67,49 @@ def test_calibration_equals_the_reference_redistribution(causal, window):
     assert (calibrated[..., 0] >= pattern[..., 0] - 1e-15).all()  # the initial token only gains
 
 
+def test_calibration_keeps_each_rows_mass_under_a_learned_sink():
+    """gpt-oss: a learned sink takes part of every row, so a row's keys hold less than 1. ACT moves mass among the
+    keys and keeps what the row had; the rule for rows summing to 1 would change it."""
+    pattern = random_pattern(2, 3, 20, True, None)
+    held = 0.4 + 0.5 * torch.rand(2, 3, 20, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pattern = pattern * held  # the rest of each row goes to the head's learned sink
+    settings = dict(alpha=0.1, beta=0.4, min_queries=3)
+    calibrated = sinks.calibrate_pattern(pattern, learned_sinks=True, **settings)
+    assert not torch.equal(calibrated, pattern)
+    # fp64, but a row with little left besides its sinks divides by that little: 5e-9 seen, bound 1e-7
+    torch.testing.assert_close(calibrated.sum(-1), held[..., 0], atol=1e-7, rtol=0)
+    assumed_one = sinks.calibrate_pattern(pattern, learned_sinks=False, **settings)  # rows taken to hold 1
+    assert (assumed_one.sum(-1) - held[..., 0]).abs().max() > 1e-3
+
+
+def test_fast_path_calibration_equals_the_pattern_rule_under_learned_sinks():
+    """The fast path's correction (column sums, LSE and each row's learned-sink weight) gives the layer output of the
+    calibrated fp64 pattern: 1e-5 (fp32 kernel against fp64, outputs of order one). Taking rows to hold 1, as
+    without learned sinks, misses it by more than 1e-3."""
+    from headlab.kernels import check_problem, solve
+
+    generator = torch.Generator().manual_seed(0)
+    b, h, n, d = 1, 4, 24, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=generator) for _ in range(3))
+    k[:, :, 5] += 2 * q.mean(2)  # a key every query attends to: a sink past the first token
+    learned = torch.tensor([1.5, -2.0, 0.5, 3.0])
+    problem = check_problem(q, k, v, causal=True, window=None, scale=d ** -0.5, softcap=None, spans=None,
+                            want=("lse", "colsum"), query_rows=None, sinks=learned)
+    out, stats = solve(q, k, v, problem, backend="torch")
+    scores = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    with_sink = torch.cat([scores, learned.double().view(1, h, 1, 1).expand(b, h, n, 1)], -1)
+    pattern = with_sink.softmax(-1)[..., :-1]  # rows sum to less than 1
+    settings = dict(alpha=0.05, beta=0.4, min_queries=4)
+    expected = sinks.calibrate_pattern(pattern, learned_sinks=True, **settings) @ v.double()
+    assert (expected - pattern @ v.double()).abs().max() > 1e-2  # the calibration does something here
+    fast = sinks._calibrated_output(list(range(h)), **settings)(q, k, v, out, stats, problem)
+    torch.testing.assert_close(fast.double(), expected, atol=1e-5, rtol=0)
+    stats.sinks = None  # rows taken to hold 1
+    rows_of_one = sinks._calibrated_output(list(range(h)), **settings)(q, k, v, out, stats, problem)
+    assert (rows_of_one.double() - expected).abs().max() > 1e-3
+
+
 def test_few_query_keys_are_not_sinks():
     pattern = torch.zeros(1, 1, 10, 10, dtype=torch.float64)
     pattern[..., torch.arange(10), torch.arange(10)] = 0.5
