@@ -4,7 +4,9 @@
     python tests/notebook_outputs.py --check notebooks/*.ipynb   # exit 1 naming each notebook whose outputs are stale
 
 A notebook's inputs are its own cell sources, every headlab source file its kernel imported (probes/, kernels/ and
-headlab/ in this checkout) and every file of the repository it opened while it ran (notebooks/results/, datasets/).
+headlab/ in this checkout) and every file of the repository it read while it ran (notebooks/results/, datasets/) but
+did not write: a file the notebook writes, even one it reads back, is its output (a study's results with their
+timings), so running it again does not make it stale.
 They are recorded during execution and stored, with their sha256, in the notebook's metadata under "headlab"; the
 check recomputes the hash from the same files as they are now. Model weights are not hashed: the lock pins their
 packages. Plotly figures are saved both as plotly JSON and as a PNG (kaleido, headless Chromium), so that they show
@@ -34,10 +36,14 @@ _random.seed(0); _np.random.seed(0); _torch.manual_seed(0)
 import plotly.io as _pio
 _pio.renderers.default = "plotly_mimetype+png"
 _pio.renderers["png"].width, _pio.renderers["png"].height = 900, 560
-__headlab_opened = set()
+__headlab_opened, __headlab_written = set(), set()
 def __headlab_audit(event, args):
     if event == "open" and isinstance(args[0], (str, bytes, _os.PathLike)):
-        __headlab_opened.add(_os.path.realpath(_os.fsdecode(args[0])))
+        mode, flags = args[1], args[2]
+        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (_os.O_WRONLY | _os.O_RDWR))
+        (__headlab_written if writes else __headlab_opened).add(_os.path.realpath(_os.fsdecode(args[0])))
+    elif event == "os.rename" and isinstance(args[1], (str, bytes, _os.PathLike)):  # os.replace too
+        __headlab_written.add(_os.path.realpath(_os.fsdecode(args[1])))
 _sys.addaudithook(__headlab_audit)
 """
 
@@ -46,7 +52,7 @@ EPILOGUE = """
 import json as _json
 print(_json.dumps({"modules": sorted(getattr(m, "__file__", None) or "" for n, m in list(_sys.modules.items())
                                     if n == "headlab" or n.startswith("headlab.")),
-                   "opened": sorted(__headlab_opened)}))
+                   "opened": sorted(__headlab_opened - __headlab_written)}))
 """
 
 
