@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,11 @@ def load_tokenizer(source, given=None, **kwargs):
 
 def release_freed_heap() -> None:
     """Return the C heap's free pages to the system (glibc's malloc_trim; nothing elsewhere)."""
+    if not sys.platform.startswith("linux"):  # ctypes.CDLL(None) is Unix-only, malloc_trim glibc-only
+        return
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # a libc without malloc_trim (musl)
         pass
 
 
